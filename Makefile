@@ -1,0 +1,88 @@
+# agelab — every target is a thin wrapper over the `agelab` CLI in a venv under the repo.
+# `make demo` and `make test` work as the first command on a fresh clone (they install first).
+
+PYTHON   ?= $(shell command -v python3.11 || command -v python3)
+VENV     := .venv
+BIN      := $(VENV)/bin
+AGELAB   := $(BIN)/agelab
+STAMP    := $(VENV)/.installed-stamp
+STUDY    ?= experiments/demo.yaml
+N        ?= 4
+PORT     ?= 5000
+DASH_PORT ?= 8080
+HOST     ?= 127.0.0.1
+ARGS     ?=
+DATA     ?=
+DATA_ARG := $(if $(DATA),data.path=$(DATA),)
+PYTEST   := $(BIN)/python -m pytest
+
+.DEFAULT_GOAL := help
+.PHONY: help install sysdeps demo test test-fast test-gpu lint study grid random workers \
+        ui dashboard report bench bench-quick preview clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+install: $(STAMP) ## create .venv and install agelab (seconds when nothing changed)
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+sysdeps: ## install Debian packages the full test run uses (postgresql, chromium), when root
+	@bash scripts/sysdeps.sh
+
+demo: install ## run the default study on embedded synthetic faces (~10 min on 2 CPU cores)
+	$(AGELAB) run experiments/demo.yaml $(ARGS)
+
+test: install sysdeps ## the whole test suite (slow, PostgreSQL and browser tests included)
+	$(PYTEST) -m "not gpu" $(ARGS)
+
+test-fast: install ## quick tests only (no slow, PostgreSQL or browser tests)
+	$(PYTEST) -m "not slow and not postgres and not browser and not gpu" $(ARGS)
+
+test-gpu: install ## CUDA tests (needs a GPU machine)
+	$(PYTEST) -m gpu -rs $(ARGS)
+
+lint: install ## ruff
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+study: install ## run a study: make study STUDY=experiments/x.yaml [DATA=path] [ARGS="k=v ..."]
+	$(AGELAB) run $(STUDY) $(DATA_ARG) $(ARGS)
+
+grid: install ## the full norm x act x backbone grid (GPU-sized)
+	$(AGELAB) run experiments/norm_act_grid.yaml $(DATA_ARG) $(ARGS)
+
+random: install ## random search over choices and numeric hyper-parameters
+	$(AGELAB) run experiments/random_search.yaml $(DATA_ARG) $(ARGS)
+
+workers: install ## N local worker processes on one study: make workers N=4 STUDY=...
+	$(AGELAB) run $(STUDY) --workers $(N) $(DATA_ARG) $(ARGS)
+
+ui: install ## MLflow UI on http://$(HOST):$(PORT) (loopback only unless HOST is set)
+	$(AGELAB) ui --host $(HOST) --port $(PORT) $(ARGS)
+
+dashboard: install ## optuna-dashboard on http://$(HOST):$(DASH_PORT)
+	$(AGELAB) dashboard --host $(HOST) --port $(DASH_PORT) $(ARGS)
+
+report: install ## ablation report of a study: make report STUDY=experiments/x.yaml
+	$(AGELAB) report $(STUDY) $(ARGS)
+
+bench: install ## full benchmarks (writes bench/results.json and bench/results.md)
+	$(AGELAB) bench $(ARGS)
+
+bench-quick: install ## quick benchmarks (about 2 minutes on 2 CPU cores)
+	$(AGELAB) bench --quick $(ARGS)
+
+preview: install ## contact sheet of synthetic faces -> docs/img/synthetic_preview.png
+	$(AGELAB) data preview --out docs/img/synthetic_preview.png $(ARGS)
+
+clean: ## remove caches and the venv; mlruns/ only with FORCE=1
+	rm -rf .cache .pytest_cache .ruff_cache .hypothesis test-artifacts
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+	@if [ "$(FORCE)" = "1" ]; then \
+	  find mlruns -mindepth 1 -not -name .gitkeep -exec rm -rf {} + ; echo "removed mlruns/ contents"; \
+	else echo "kept mlruns/ (tracking data); use 'make clean FORCE=1' to delete it too"; fi
+	@if [ "$(VENV_TOO)" = "1" ]; then rm -rf $(VENV); fi

@@ -1,0 +1,207 @@
+"""The one command-line entry: ``agelab run|data|ui|dashboard|bench|config``.
+
+Heavy imports (torch, timm, mlflow, optuna) happen inside the command that needs them, so
+``agelab --help`` answers at once. Errors a user can fix (bad config, bad data) print one
+clear message and exit 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from agelab import __version__
+
+EXIT_USER_ERROR = 2
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="config overrides, e.g. train.epochs=2 data.path=/data/UTKFace",
+    )
+
+
+def _load(study: str | None, overrides: list[str]):
+    from agelab.config import StudyConfig, apply_overrides, load_config, validate
+
+    if study is None:
+        return validate(apply_overrides({"name": "adhoc"}, overrides), "(defaults)")
+    return load_config(study, overrides)
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agelab.study import run_study
+
+    cfg = _load(args.study, args.overrides)
+    summary = run_study(
+        cfg, workers=args.workers, n_trials=args.n_trials, join=args.join, quiet=args.quiet
+    )
+    return 0 if summary.ok else 1
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = _load(args.study, args.overrides)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    print(f"# valid; {cfg.search.n_total()} trial(s) planned", file=sys.stderr)
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from agelab.data import load_dataset
+    from agelab.data.export import export_folder
+
+    cfg = _load(args.study, args.overrides)
+    if cfg.data.source != "synthetic":
+        print("agelab data synth: data.source must be synthetic", file=sys.stderr)
+        return EXIT_USER_ERROR
+    data = load_dataset(cfg.data, progress=not args.quiet)
+    print(
+        f"{len(data)} synthetic faces at {data.image_size}px, fingerprint {data.fingerprint[:12]}, "
+        f"label-noise MAE floor {data.info.get('noise_floor_mae', 0.0):.2f} years "
+        f"({'cache hit' if data.info.get('cache_hit') else 'generated and cached'})"
+    )
+    if args.out:
+        manifest = export_folder(data, Path(args.out), progress=not args.quiet)
+        print(f"wrote images and {manifest} (use with data.source=csv data.path={manifest})")
+    return 0
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from agelab.data.synth import contact_sheet, generate
+
+    cfg = _load(args.study, args.overrides)
+    synth = cfg.data.synthetic.model_copy(update={"n_images": args.rows * args.cols * 4})
+    faces = generate(synth, cfg.data.image_size)
+    sheet = contact_sheet(faces, rows=args.rows, cols=args.cols, scale=args.scale)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    print(f"wrote {out} ({args.rows}×{args.cols} faces, rows sorted by age)")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from agelab.data.inspect import format_inspection, inspect_source
+
+    print(format_inspection(inspect_source(args.source, Path(args.path), max_age=args.max_age)))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from agelab.tracking import serve_ui
+
+    return serve_ui(host=args.host, port=args.port, root=Path(args.root), expose=args.expose)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from agelab.study import serve_dashboard
+
+    return serve_dashboard(host=args.host, port=args.port, root=Path(args.root),
+                           storage=args.storage, expose=args.expose)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from agelab.bench import main as bench_main
+
+    return bench_main(quick=args.quick, out_dir=Path(args.out))
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agelab",
+        description="Ablation studies for deep age regression: Optuna searches over "
+        "normalization, activation and timm backbones, tracked in MLflow.",
+    )
+    parser.add_argument("--version", action="version", version=f"agelab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run (or resume) a study from experiments/*.yaml")
+    p.add_argument("study", help="study file, e.g. experiments/demo.yaml")
+    _add_overrides(p)
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--n-trials", type=int, default=None, help="stop this invocation after N trials")
+    p.add_argument("--join", action="store_true",
+                   help="join a study prepared elsewhere (other machines): do not plan trials")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="validate a study file and print the resolved config")
+    p.add_argument("study")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_config)
+
+    data = sub.add_parser("data", help="synthetic data and real-data inspection")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = dsub.add_parser("synth", help="generate (and cache) the synthetic faces of a study")
+    p.add_argument("--study", default=None, help="study file (default: built-in defaults)")
+    p.add_argument("--out", default=None, help="also export PNG files + labels.csv to this folder")
+    p.add_argument("--quiet", action="store_true")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_data_synth)
+    p = dsub.add_parser("preview", help="write a PNG contact sheet of synthetic faces")
+    p.add_argument("--study", default=None)
+    p.add_argument("--out", default="synthetic_preview.png")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--cols", type=int, default=12)
+    p.add_argument("--scale", type=int, default=1, help="pixel upscaling of each tile")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_data_preview)
+    p = dsub.add_parser("inspect", help="counts, age histogram, image sizes, bad rows")
+    p.add_argument("source", help="utkface | fgnet | csv")
+    p.add_argument("path", help="dataset folder (utkface, fgnet) or manifest CSV (csv)")
+    p.add_argument("--max-age", type=float, default=120.0)
+    p.set_defaults(func=cmd_data_inspect)
+
+    for name, helptext, port in (
+        ("ui", "MLflow UI over the default store (127.0.0.1 only)", 5000),
+        ("dashboard", "optuna-dashboard over the study storage (127.0.0.1 only)", 8080),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=port)
+        p.add_argument("--root", default="mlruns", help="folder of the default stores")
+        p.add_argument("--expose", action="store_true",
+                       help="allow a non-loopback --host (anyone who can reach it sees and can "
+                       "change your runs: there is no authentication)")
+        if name == "dashboard":
+            p.add_argument("--storage", default=None, help="Optuna storage URL (default: journal)")
+        p.set_defaults(func=cmd_ui if name == "ui" else cmd_dashboard)
+
+    p = sub.add_parser("bench", help="benchmarks: training throughput, tracking, data, memory")
+    p.add_argument("--quick", action="store_true", help="about 2 minutes on 2 CPU cores")
+    p.add_argument("--out", default="bench", help="folder for results.json and results.md")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from agelab.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"agelab: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\nagelab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-fixable data problems carry their own type
+        if type(exc).__name__ in ("DataError", "ModelError", "StoreError"):
+            print(f"agelab: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
