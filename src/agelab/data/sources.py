@@ -1,0 +1,610 @@
+"""Real-data sources: read a dataset into a validated manifest (path, age, subject, box).
+
+Three formats, all producing the same :class:`Manifest` (a DataFrame with columns ``path``,
+``age``, ``subject`` and, where present, the face box ``x, y, w, h``):
+
+``utkface``  a folder of ``{age}_{gender}_{race}_{datetime}.jpg[.chip.jpg]`` files;
+             no person ids (``subject`` is empty: each image is its own group for splits).
+``fgnet``    a folder of ``{subject:03d}A{age:02d}[a-z].JPG`` files (case-insensitive).
+``csv``      a manifest with columns ``path, age`` and optionally ``subject`` and
+             ``x, y, w, h``; paths are relative to the manifest's folder.
+
+Nothing is dropped silently. Each problem with a row is a :class:`BadRow` with one of the
+reason constants below. With ``on_bad="error"`` the first one raises :class:`DataError`
+(naming the file, the CSV line and what to do); with ``on_bad="skip"`` they are collected
+and summarised (count per reason + first examples). Problems with the whole source (folder
+missing, CSV columns missing, wrong delimiter, empty file) always raise.
+
+This module reads names, labels and file metadata only; pixels are checked when images are
+decoded (:mod:`agelab.data.images`), which adds the image-level reasons.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+import stat
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from agelab.data.images import BAD_BOX, CORRUPT_IMAGE, NOT_IMAGE, TRUNCATED_IMAGE
+
+if TYPE_CHECKING:  # pandas is imported when a manifest is built: `import agelab.data` stays light
+    import pandas as pd
+
+# ------------------------------------------------------------------------------ reasons
+
+MISSING_FILE = "missing file"
+EMPTY_FILE = "zero-byte file"
+MISSING_PATH = "missing path"
+OUTSIDE_ROOT = "path escapes the dataset root"
+DUPLICATE_PATH = "duplicate path"
+NAME_PATTERN = "name does not match pattern"
+MISSING_AGE = "missing age"
+BAD_AGE = "age is not a number"
+NEGATIVE_AGE = "negative age"
+AGE_TOO_HIGH = "age above max_age"
+NON_INTEGER_AGE = "age is not an integer"
+MALFORMED_ROW = "wrong number of fields"
+
+#: Every reason a row can be rejected for, in the order checks run.
+REASONS = (
+    MALFORMED_ROW,
+    NAME_PATTERN,
+    MISSING_PATH,
+    OUTSIDE_ROOT,
+    DUPLICATE_PATH,
+    MISSING_AGE,
+    BAD_AGE,
+    NON_INTEGER_AGE,
+    NEGATIVE_AGE,
+    AGE_TOO_HIGH,
+    BAD_BOX,
+    MISSING_FILE,
+    EMPTY_FILE,
+    NOT_IMAGE,
+    TRUNCATED_IMAGE,
+    CORRUPT_IMAGE,
+)
+
+#: What to do about each reason (appended to the DataError message).
+HINTS = {
+    MALFORMED_ROW: "quote fields that contain commas, or fix the row",
+    NAME_PATTERN: "rename or move the file out of the folder",
+    MISSING_PATH: "fill in the path or remove the row",
+    OUTSIDE_ROOT: "keep images inside the dataset folder and use relative paths",
+    DUPLICATE_PATH: "list each image once",
+    MISSING_AGE: "fill in the age or remove the row",
+    BAD_AGE: "ages must be numbers of years",
+    NON_INTEGER_AGE: "this format stores whole years",
+    NEGATIVE_AGE: "fix the label",
+    AGE_TOO_HIGH: "fix the label, or raise data.max_age if the age is real",
+    BAD_BOX: "x, y, w, h must be numbers (pixels) with w, h > 0 overlapping the image, "
+    "or all four empty for a centre crop",
+    MISSING_FILE: "check the path (relative to the dataset folder) or remove the row",
+    EMPTY_FILE: "re-copy or re-download the file, or remove it",
+    NOT_IMAGE: "remove the file or replace it with the real image",
+    TRUNCATED_IMAGE: "re-copy or re-download the file (it ends early), or remove it",
+    CORRUPT_IMAGE: "re-copy or re-download the file, or remove it",
+}
+
+SKIP_HINT = "or set data.on_bad=skip to skip bad rows and report them"
+
+OnBad = Literal["error", "skip"]
+
+
+class DataError(ValueError):
+    """A data problem the user can fix; the message says where and what to do."""
+
+    def __init__(self, message: str, *, reason: str | None = None, where: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.where = where
+
+
+@dataclass(frozen=True)
+class BadRow:
+    reason: str
+    where: str  # "labels.csv line 7" or the file name
+    detail: str
+
+    def message(self) -> str:
+        hint = HINTS.get(self.reason, "")
+        return f"{self.where}: {self.reason}: {self.detail} ({hint}; {SKIP_HINT})"
+
+
+class BadRows:
+    """Collects bad rows under a policy: ``error`` raises at the first, ``skip`` records."""
+
+    def __init__(self, on_bad: OnBad = "error"):
+        if on_bad not in ("error", "skip"):
+            raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+        self.on_bad = on_bad
+        self.rows: list[BadRow] = []
+
+    def add(self, reason: str, where: str, detail: str) -> None:
+        row = BadRow(reason, where, detail)
+        if self.on_bad == "error":
+            raise DataError(row.message(), reason=reason, where=where)
+        self.rows.append(row)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def summary(self, max_examples: int = 3) -> dict[str, Any]:
+        return summarize_bad(self.rows, max_examples)
+
+
+def summarize_bad(rows: list[BadRow], max_examples: int = 3) -> dict[str, Any]:
+    """``{"n": 5, "counts": {reason: n}, "examples": {reason: ["where: detail", ...]}}``."""
+    counts = Counter(r.reason for r in rows)
+    examples: dict[str, list[str]] = {}
+    for r in rows:
+        ex = examples.setdefault(r.reason, [])
+        if len(ex) < max_examples:
+            ex.append(f"{r.where}: {r.detail}")
+    order = {reason: i for i, reason in enumerate(REASONS)}
+    ordered = sorted(counts, key=lambda k: order.get(k, len(order)))
+    return {
+        "n": len(rows),
+        "counts": {k: counts[k] for k in ordered},
+        "examples": {k: examples[k] for k in ordered},
+    }
+
+
+def format_bad_summary(
+    summary: dict[str, Any], origin: str | Path = "", *, verb: str = "skipped"
+) -> str:
+    """Human-readable bad-row summary (empty string when there are none)."""
+    if not summary or not summary.get("n"):
+        return ""
+    head = f"{verb} {summary['n']} bad row(s)" + (f" in {origin}" if origin else "") + ":"
+    lines = [head]
+    for reason, count in summary["counts"].items():
+        lines.append(f"  {count:6d} × {reason}")
+        for ex in summary["examples"].get(reason, []):
+            lines.append(f"           e.g. {ex}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- manifest
+
+BOX_COLUMNS = ("x", "y", "w", "h")
+REQUIRED_COLUMNS = ("path", "age")
+OPTIONAL_COLUMNS = ("subject", *BOX_COLUMNS)
+
+
+@dataclass
+class Manifest:
+    """The validated rows of a source.
+
+    ``table`` columns: ``path`` (relative to ``root``, POSIX), ``age`` (float), ``subject``
+    (str, "" when unknown), ``x, y, w, h`` (only when the source has boxes; NaN → no box),
+    plus bookkeeping: ``where`` (for messages), ``file`` (resolved absolute path),
+    ``size`` and ``mtime_ns`` (part of the cache fingerprint).
+    """
+
+    source: str
+    origin: Path  # what the user gave: the folder or the CSV file
+    root: Path  # the folder relative paths resolve against
+    table: pd.DataFrame
+    bad: BadRows
+    n_rows: int  # rows (or files) seen, good + bad
+    has_boxes: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+
+def _empty_table(has_boxes: bool) -> dict[str, list]:
+    cols = ["path", "age", "subject", *(BOX_COLUMNS if has_boxes else ()), "where", "file",
+            "size", "mtime_ns"]
+    return {c: [] for c in cols}
+
+
+def _frame(cols: dict[str, list]) -> pd.DataFrame:
+    import pandas as pd
+
+    df = pd.DataFrame(cols)
+    df["age"] = df["age"].astype("float64")
+    df["size"] = df["size"].astype("int64")
+    df["mtime_ns"] = df["mtime_ns"].astype("int64")
+    for c in BOX_COLUMNS:
+        if c in df:
+            df[c] = df[c].astype("float64")
+    return df
+
+
+class _FileChecker:
+    """Path checks shared by all sources: inside the root, not duplicated, exists, non-empty.
+
+    Resolving symlinks costs a few syscalls per path component, so the resolved folders are
+    memoised and only the file itself is checked per row (10k rows in a few ms).
+    """
+
+    def __init__(self, root: Path, bad: BadRows):
+        self.root = root
+        self.root_str = os.path.abspath(root)
+        self.root_real = os.path.realpath(root)
+        self.bad = bad
+        self.seen: dict[str, str] = {}  # real path → where it was first listed
+        self._real_dirs: dict[str, str] = {}
+
+    def _realpath(self, rel: str) -> str:
+        if ".." in rel.replace("\\", "/").split("/"):
+            # ".." after a symlinked folder means "the link target's parent": let the OS
+            # semantics decide (slow path, rare).
+            return os.path.realpath(os.path.join(self.root_str, rel))
+        parent, name = os.path.split(os.path.normpath(os.path.join(self.root_str, rel)))
+        real_parent = self._real_dirs.get(parent)
+        if real_parent is None:
+            real_parent = self._real_dirs[parent] = os.path.realpath(parent)
+        real = os.path.join(real_parent, name)
+        return os.path.realpath(real) if os.path.islink(real) else real
+
+    def check_location(self, rel: str, where: str) -> str | None:
+        """Inside-root and duplicate checks; returns the resolved path (may not exist)."""
+        if os.path.isabs(rel) or re.match(r"^[A-Za-z]:[\\/]", rel) or rel.startswith("\\"):
+            self.bad.add(OUTSIDE_ROOT, where,
+                         f"absolute path {rel!r}; write it relative to {self.root}")
+            return None
+        real = self._realpath(rel)
+        if not (real == self.root_real or real.startswith(self.root_real.rstrip(os.sep) + os.sep)):
+            how = "is a symlink to" if os.path.islink(os.path.join(self.root_str, rel)) else \
+                "resolves to"
+            self.bad.add(OUTSIDE_ROOT, where, f"{rel!r} {how} {real}, outside {self.root_real}")
+            return None
+        if real in self.seen:
+            self.bad.add(DUPLICATE_PATH, where, f"{rel!r} is already listed at {self.seen[real]}")
+            return None
+        self.seen[real] = where
+        return real
+
+    def check_file(self, real: str, rel: str, where: str) -> os.stat_result | None:
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            hint = " (use / between folders, not \\)" if "\\" in rel else ""
+            self.bad.add(MISSING_FILE, where, f"{rel!r} does not exist under {self.root_str}{hint}")
+            return None
+        except OSError as exc:
+            self.bad.add(MISSING_FILE, where, f"{rel!r} cannot be read: {exc.strerror or exc}")
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            self.bad.add(MISSING_FILE, where, f"{rel!r} is a folder, not a file")
+            return None
+        if st.st_size == 0:
+            self.bad.add(EMPTY_FILE, where, f"{rel!r} is empty (0 bytes)")
+            return None
+        return st
+
+
+def parse_age(
+    text: str, where: str, bad: BadRows, *, max_age: float, integer: bool
+) -> float | None:
+    """Parse and range-check an age; records the reason and returns None when bad."""
+    text = text.strip()
+    if text == "":
+        bad.add(MISSING_AGE, where, "the age is empty")
+        return None
+    try:
+        age = float(text)
+    except ValueError:
+        bad.add(BAD_AGE, where, f"{text!r} is not a number")
+        return None
+    if not math.isfinite(age):
+        bad.add(BAD_AGE, where, f"{text!r} is not a finite number")
+        return None
+    if integer and not age.is_integer():
+        bad.add(NON_INTEGER_AGE, where, f"{text!r} is not a whole number of years")
+        return None
+    if age < 0:
+        bad.add(NEGATIVE_AGE, where, f"age {text} is below 0")
+        return None
+    if age > max_age:
+        bad.add(AGE_TOO_HIGH, where, f"age {text} is above max_age={max_age:g}")
+        return None
+    return age
+
+
+def _require_dir(path: Path, source: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{source} folder {path} does not exist (check data.path)")
+    if not path.is_dir():
+        raise DataError(
+            f"{source} expects a folder of images, but {path} is a file"
+            + (" (for a CSV manifest use data.source=csv)" if path.suffix.lower() == ".csv" else "")
+        )
+    return path
+
+
+# ------------------------------------------------------------------------------ folders
+
+# UTKFace: the age field is captured loosely so that "-3_…" or "2.5_…" get a precise reason
+# (negative / not an integer) rather than a generic pattern mismatch.
+UTKFACE_PATTERN = re.compile(
+    r"^(?P<age>[^_]+)_(?P<gender>\d+)_(?P<race>\d+)_(?P<datetime>\d+)\.jpg(?:\.chip\.jpg)?$",
+    re.IGNORECASE,
+)
+UTKFACE_EXAMPLE = "25_0_1_20170116174525125.jpg.chip.jpg"
+FGNET_PATTERN = re.compile(
+    r"^(?P<subject>\d{3,})A(?P<age>\d{2,})(?P<suffix>[a-z]?)\.jpe?g$", re.IGNORECASE
+)
+FGNET_EXAMPLE = "001A02.JPG or 002A43a.JPG"
+
+
+def _list_folder(root: Path) -> tuple[list[str], list[str]]:
+    """(file names, subfolder names) of a folder, sorted; hidden dotfiles are ignored."""
+    files, dirs = [], []
+    with os.scandir(root) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else files).append(entry.name)
+    return sorted(files), sorted(dirs)
+
+
+def _read_folder(
+    source: str,
+    path: Path,
+    pattern: re.Pattern[str],
+    example: str,
+    subject_of: Callable[[re.Match[str]], str],
+    *,
+    max_age: float,
+    on_bad: OnBad,
+) -> Manifest:
+    root = _require_dir(Path(path), source)
+    names, subdirs = _list_folder(root)
+    if not any(pattern.match(n) for n in names):
+        # Nothing matches at all: almost certainly the wrong folder, so say where to look
+        # instead of reporting every file as a bad row.
+        found = ", ".join(names[:5]) + (" …" if len(names) > 5 else "") if names else "no files"
+        hint = ""
+        for d in subdirs:
+            try:
+                inner, _ = _list_folder(root / d)
+            except OSError:
+                continue
+            if any(pattern.match(n) for n in inner):
+                hint = f"; the subfolder {d}/ has {len(inner)} files — use data.path={root / d}"
+                break
+        raise DataError(
+            f"no {source} images in {root}: expected names like {example} "
+            f"(found: {found}){hint}"
+        )
+    bad = BadRows(on_bad)
+    checker = _FileChecker(root, bad)
+    cols = _empty_table(False)
+    for name in names:
+        where = str(root / name)
+        m = pattern.match(name)
+        if m is None:
+            bad.add(NAME_PATTERN, where, f"{name!r} is not named like {example}")
+            continue
+        real = checker.check_location(name, where)
+        if real is None:
+            continue
+        age = parse_age(m["age"], where, bad, max_age=max_age, integer=True)
+        if age is None:
+            continue
+        st = checker.check_file(real, name, where)
+        if st is None:
+            continue
+        cols["path"].append(name)
+        cols["age"].append(age)
+        cols["subject"].append(subject_of(m))
+        cols["where"].append(where)
+        cols["file"].append(real)
+        cols["size"].append(st.st_size)
+        cols["mtime_ns"].append(st.st_mtime_ns)
+    notes = [f"ignored {len(subdirs)} subfolder(s): {', '.join(subdirs[:5])}"] if subdirs else []
+    return Manifest(source, root, root, _frame(cols), bad, len(names), False, notes)
+
+
+def read_utkface(path: str | Path, *, max_age: float = 120.0, on_bad: OnBad = "error") -> Manifest:
+    """A UTKFace folder (``{age}_{gender}_{race}_{datetime}.jpg[.chip.jpg]``); no subjects."""
+    return _read_folder("utkface", Path(path), UTKFACE_PATTERN, UTKFACE_EXAMPLE,
+                        lambda m: "", max_age=max_age, on_bad=on_bad)
+
+
+def read_fgnet(path: str | Path, *, max_age: float = 120.0, on_bad: OnBad = "error") -> Manifest:
+    """An FG-NET folder (``{subject:03d}A{age:02d}[a-z].JPG``); subject = the 3 digits."""
+    return _read_folder("fgnet", Path(path), FGNET_PATTERN, FGNET_EXAMPLE,
+                        lambda m: m["subject"], max_age=max_age, on_bad=on_bad)
+
+
+# ---------------------------------------------------------------------------------- csv
+
+
+def _decode_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path} is UTF-16 text; save it as UTF-8 CSV ('CSV UTF-8' in Excel)")
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Excel) is dropped
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8 CSV"
+        ) from None
+    if not text.strip():
+        raise DataError(f"{path} is empty; a manifest needs a header line (path,age) and rows")
+    return text
+
+
+def _check_header(path: Path, header: list[str], first_line: str) -> dict[str, int]:
+    names = [h.strip().lower() for h in header]
+    if not all(c in names for c in REQUIRED_COLUMNS):
+        for delim, label in ((";", "semicolons"), ("\t", "tabs")):
+            if first_line.count(delim) > first_line.count(","):
+                raise DataError(
+                    f"{path} is separated by {label}, not commas (header: {first_line!r}); "
+                    "save it as comma-separated CSV, e.g. python -c \"import pandas as pd; "
+                    f"pd.read_csv('{path.name}', sep={delim!r}).to_csv('{path.name}', "
+                    "index=False)\""
+                )
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        found = ", ".join(repr(h) for h in header) or "none"
+        hint = ""
+        if any(re.search(r"\.(jpe?g|png)$", h.strip(), re.I) or h.strip().isdigit()
+               for h in header):
+            hint = "; the first line looks like data: add a header line such as path,age,subject"
+        raise DataError(
+            f"{path} is missing column(s) {', '.join(missing)}; found columns: {found}. "
+            f"Required: {', '.join(REQUIRED_COLUMNS)}; optional: {', '.join(OPTIONAL_COLUMNS)}"
+            + hint
+        )
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"{path} has duplicate column(s) {', '.join(dupes)}")
+    present = [c for c in BOX_COLUMNS if c in names]
+    if present and len(present) != len(BOX_COLUMNS):
+        missing = [c for c in BOX_COLUMNS if c not in names]
+        raise DataError(
+            f"{path}: a face box needs all of x, y, w, h; found {', '.join(present)} "
+            f"but not {', '.join(missing)}"
+        )
+    return {n: i for i, n in enumerate(names)}
+
+
+def _parse_box(cells: list[str], where: str, bad: BadRows) -> tuple[float, ...] | None:
+    """Box cells → 4 floats, all-NaN for "no box", or None (recorded as bad)."""
+    stripped = [c.strip() for c in cells]
+    if all(c == "" for c in stripped):
+        return (math.nan,) * 4
+    try:
+        x, y, w, h = (float(c) for c in stripped)
+    except ValueError:
+        shown = ", ".join(map(repr, stripped))
+        bad.add(BAD_BOX, where, f"x, y, w, h = {shown} are not all numbers")
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        bad.add(BAD_BOX, where, f"box x={x:g} y={y:g} w={w:g} h={h:g} needs finite values and "
+                "w, h > 0")
+        return None
+    return x, y, w, h
+
+
+def read_csv(path: str | Path, *, max_age: float = 120.0, on_bad: OnBad = "error") -> Manifest:
+    """A CSV manifest: ``path, age[, subject][, x, y, w, h]``; paths relative to its folder.
+
+    Ages may be fractional (e.g. 25.5 years). Blank lines (and lines with only commas) are
+    ignored; extra columns are ignored; rows with fewer fields than the header are padded
+    with empty cells, rows with more are bad (an unquoted comma in a path, usually).
+    """
+    path = Path(path)
+    if path.is_dir():
+        csvs = sorted(p.name for p in path.glob("*.csv"))
+        hint = f"; it holds {', '.join(csvs)} — use data.path={path / csvs[0]}" if csvs else ""
+        raise DataError(f"csv source expects a manifest file, but {path} is a folder{hint}")
+    if not path.exists():
+        raise DataError(f"manifest {path} does not exist (check data.path)")
+    text = _decode_text(path)
+    root = path.parent
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] = []
+    for row in reader:
+        if any(c.strip() for c in row):
+            header = row
+            break
+    header_line = reader.line_num
+    first_line = text.splitlines()[header_line - 1] if header_line else ""
+    index = _check_header(path, header, first_line)
+    has_boxes = "x" in index
+    has_subject = "subject" in index
+
+    bad = BadRows(on_bad)
+    checker = _FileChecker(root, bad)
+    cols = _empty_table(has_boxes)
+    n_rows = 0
+    for row in reader:
+        if not any(c.strip() for c in row):
+            continue  # blank line or ",,,"
+        n_rows += 1
+        where = f"{path} line {reader.line_num}"
+        if len(row) > len(header):
+            bad.add(MALFORMED_ROW, where,
+                    f"{len(row)} fields but the header has {len(header)}: {','.join(row)!r}")
+            continue
+        row = row + [""] * (len(header) - len(row))
+        rel = row[index["path"]].strip()
+        if rel:
+            where = f"{where} ({rel})"
+        else:
+            bad.add(MISSING_PATH, where, "the path is empty")
+            continue
+        real = checker.check_location(rel, where)
+        if real is None:
+            continue
+        age = parse_age(row[index["age"]], where, bad, max_age=max_age, integer=False)
+        if age is None:
+            continue
+        box = _parse_box([row[index[c]] for c in BOX_COLUMNS], where, bad) if has_boxes else ()
+        if box is None:
+            continue
+        st = checker.check_file(real, rel, where)
+        if st is None:
+            continue
+        cols["path"].append(os.path.normpath(rel).replace(os.sep, "/"))
+        cols["age"].append(age)
+        cols["subject"].append(row[index["subject"]].strip() if has_subject else "")
+        for c, v in zip(BOX_COLUMNS, box, strict=False):
+            cols[c].append(v)
+        cols["where"].append(where)
+        cols["file"].append(real)
+        cols["size"].append(st.st_size)
+        cols["mtime_ns"].append(st.st_mtime_ns)
+    if n_rows == 0:
+        raise DataError(f"{path} has a header but no rows")
+    return Manifest("csv", path, root, _frame(cols), bad, n_rows, has_boxes)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Source:
+    """A registered data source. ``read`` is None for the synthetic generator."""
+
+    name: str
+    kind: Literal["synthetic", "folder", "manifest"]
+    description: str
+    read: Callable[..., Manifest] | None = None
+
+
+SOURCES: dict[str, Source] = {
+    "synthetic": Source("synthetic", "synthetic", "procedural faces from agelab.data.synth"),
+    "utkface": Source("utkface", "folder", f"UTKFace folder ({UTKFACE_EXAMPLE})", read_utkface),
+    "fgnet": Source("fgnet", "folder", f"FG-NET folder ({FGNET_EXAMPLE})", read_fgnet),
+    "csv": Source("csv", "manifest", "CSV manifest: path, age[, subject][, x, y, w, h]", read_csv),
+}
+
+
+def read_manifest(
+    source: str, path: str | Path, *, max_age: float = 120.0, on_bad: OnBad = "error"
+) -> Manifest:
+    """Read and validate a real source by name. Raises :class:`DataError`."""
+    spec = SOURCES.get(source)
+    if spec is None:
+        raise DataError(f"unknown data source {source!r}; valid: {', '.join(SOURCES)}")
+    if spec.read is None:
+        raise DataError(f"source {source!r} is generated, not read from files")
+    manifest = spec.read(Path(path), max_age=max_age, on_bad=on_bad)
+    if len(manifest) == 0:
+        raise DataError(
+            f"no usable images in {manifest.origin}: all {manifest.n_rows} row(s) are bad\n"
+            + format_bad_summary(manifest.bad.summary(), manifest.origin)
+        )
+    return manifest

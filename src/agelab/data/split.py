@@ -1,0 +1,147 @@
+"""Seeded train / calib / test splits: stratified by age band, subject-disjoint.
+
+Assignment is per *group*: all images of one subject form a group (so a person never appears
+in two splits); an image without a subject ("") is a group of its own. Each group gets an
+age band from its median age (``floor(age / band_width)``).
+
+Groups are visited band by band (youngest first), shuffled within a band by the seed (larger
+groups first, so big subjects are placed while there is still room to balance them), and each
+goes to the split furthest *below* its target share of the images assigned so far
+("largest deficit"). Because the deficits carry over between bands, every band is divided
+roughly in the split fractions (stratification) and the overall fractions hold too, to within
+about one group. Finally an empty split (possible only with very few groups) takes the
+smallest group of the largest split; fewer than three groups is an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from agelab.config import SplitConfig
+from agelab.data.dataset import SPLITS
+from agelab.data.sources import DataError
+
+#: Warn when a split's share of the images is further than this from its target (only for
+#: datasets of at least MIN_IMAGES_TO_WARN images: tiny ones cannot be split finely).
+FRACTION_TOLERANCE = 0.1
+MIN_IMAGES_TO_WARN = 20
+
+
+class SplitWarning(UserWarning):
+    """Split fractions are far from the requested ones (a few subjects dominate)."""
+
+
+def _groups(subjects: np.ndarray) -> tuple[np.ndarray, int]:
+    """Group id per image: one per distinct non-empty subject, one per subject-less image."""
+    names = pd.Series(subjects, dtype=object).fillna("").astype(str)
+    unknown = (names == "").to_numpy()
+    codes, uniques = pd.factorize(names)  # hash-based: fast even for millions of images
+    codes = codes.astype(np.int64)
+    n_known = len(uniques)
+    # Renumber: known subjects 0..k-1 (by first appearance), then one id per loose image.
+    if unknown.any():
+        empty_code = int(codes[unknown][0])
+        known_codes = codes[~unknown]
+        codes[~unknown] = known_codes - (known_codes > empty_code)
+        n_known -= 1
+        codes[unknown] = n_known + np.arange(int(unknown.sum()))
+    return codes, n_known + int(unknown.sum())
+
+
+def assign_splits(ages: np.ndarray, subjects: np.ndarray | None, cfg: SplitConfig) -> np.ndarray:
+    """Split label ("train" | "calib" | "test") per image. Deterministic in ``cfg.seed``."""
+    ages = np.asarray(ages, dtype=np.float64)
+    n = len(ages)
+    if subjects is None:
+        subjects = np.full(n, "", dtype=object)
+    subjects = np.asarray(subjects, dtype=object)
+    if len(subjects) != n:
+        raise ValueError(f"{len(subjects)} subjects for {n} ages")
+    if not np.all(np.isfinite(ages)):
+        raise ValueError("ages must be finite to split")
+    group_of, n_groups = _groups(subjects)
+    if n_groups < len(SPLITS):
+        raise DataError(
+            f"cannot make train/calib/test splits from {n} image(s) in {n_groups} "
+            f"subject group(s): need at least {len(SPLITS)} (a subject stays in one split)"
+        )
+
+    # Per-group size and median age (vectorised: sort by group, then age; take the middle).
+    order = np.lexsort((ages, group_of))
+    sorted_ages = ages[order]
+    sizes = np.bincount(group_of, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    medians = (sorted_ages[starts + (sizes - 1) // 2] + sorted_ages[starts + sizes // 2]) / 2
+    bands = np.floor(medians / cfg.band_width).astype(np.int64)
+
+    rng = np.random.default_rng(cfg.seed)
+    shuffle = rng.permutation(n_groups)
+    # Visit order: band ascending, then size descending, then the seeded shuffle.
+    visit = np.lexsort((shuffle, -sizes, bands))
+
+    # Plain Python floats in the loop: ~1 µs per group, where numpy would be ~20.
+    fracs = (cfg.train, cfg.calib, cfg.test)
+    totals = [0, 0, 0]
+    assigned = 0
+    choices = []
+    size_list = sizes.tolist()
+    for g in visit.tolist():
+        size = size_list[g]
+        after = assigned + size
+        deficits = [f * after - t for f, t in zip(fracs, totals, strict=True)]
+        choice = deficits.index(max(deficits))  # ties → earlier split (train, calib, test)
+        choices.append(choice)
+        totals[choice] += size
+        assigned = after
+    group_split = np.empty(n_groups, dtype=np.int64)
+    group_split[visit] = choices
+    counts = np.array(totals, dtype=np.float64)
+    fractions = np.array(fracs)
+
+    # Very small inputs can leave a split empty: move the smallest group of the largest split.
+    for j in range(len(SPLITS)):
+        if counts[j] > 0:
+            continue
+        donors = [k for k in range(len(SPLITS)) if np.sum(group_split == k) > 1]
+        donor = max(donors, key=lambda k: counts[k])
+        candidates = np.flatnonzero(group_split == donor)
+        g = candidates[np.argmin(sizes[candidates])]
+        group_split[g] = j
+        counts[donor] -= sizes[g]
+        counts[j] += sizes[g]
+
+    labels = np.asarray(SPLITS)[group_split[group_of]]
+    shares = counts / n
+    far = [
+        f"{name} {share:.2f} (wanted {want:.2f})"
+        for name, share, want in zip(SPLITS, shares, fractions, strict=True)
+        if abs(share - want) > FRACTION_TOLERANCE
+    ]
+    if far and n >= MIN_IMAGES_TO_WARN:
+        warnings.warn(
+            f"split fractions are off: {', '.join(far)} — {n_groups} subject groups for {n} "
+            "images are too few or too unequal to split finely",
+            SplitWarning,
+            stacklevel=2,
+        )
+    return labels.astype("<U5")
+
+
+def split_summary(split: np.ndarray, ages: np.ndarray, subjects: np.ndarray) -> dict[str, Any]:
+    """Counts, shares, subjects and mean age per split (for FaceDataset.info)."""
+    out: dict[str, Any] = {}
+    n = len(split)
+    for name in SPLITS:
+        mask = split == name
+        subj = {s for s in subjects[mask] if s}
+        out[name] = {
+            "n": int(mask.sum()),
+            "fraction": round(float(mask.sum()) / n, 4) if n else 0.0,
+            "subjects": len(subj),
+            "age_mean": round(float(ages[mask].mean()), 2) if mask.any() else None,
+        }
+    return out
