@@ -18,7 +18,7 @@ PYTEST   := $(BIN)/python -m pytest
 
 .DEFAULT_GOAL := help
 .PHONY: help install sysdeps demo test test-fast test-gpu lint study grid random workers \
-        ui dashboard report bench bench-quick preview clean
+        ui dashboard bench bench-quick preview clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -67,9 +67,6 @@ ui: install ## MLflow UI on http://$(HOST):$(PORT) (loopback only unless HOST is
 dashboard: install ## optuna-dashboard on http://$(HOST):$(DASH_PORT)
 	$(AGELAB) dashboard --host $(HOST) --port $(DASH_PORT) $(ARGS)
 
-report: install ## ablation report of a study: make report STUDY=experiments/x.yaml
-	$(AGELAB) report $(STUDY) $(ARGS)
-
 bench: install ## full benchmarks (writes bench/results.json and bench/results.md)
 	$(AGELAB) bench $(ARGS)
 
@@ -77,7 +74,7 @@ bench-quick: install ## quick benchmarks (about 2 minutes on 2 CPU cores)
 	$(AGELAB) bench --quick $(ARGS)
 
 preview: install ## contact sheet of synthetic faces -> docs/img/synthetic_preview.png
-	$(AGELAB) data preview --out docs/img/synthetic_preview.png $(ARGS)
+	$(AGELAB) data preview --rows 6 --cols 7 --out docs/img/synthetic_preview.png $(ARGS)
 
 clean: ## remove caches and the venv; mlruns/ only with FORCE=1
 	rm -rf .cache .pytest_cache .ruff_cache .hypothesis test-artifacts
