@@ -18,13 +18,15 @@ EXIT_USER_ERROR = 2
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "overrides", nargs="*", metavar="key=value",
+        "overrides",
+        nargs="*",
+        metavar="key=value",
         help="config overrides, e.g. train.epochs=2 data.path=/data/UTKFace",
     )
 
 
 def _load(study: str | None, overrides: list[str]):
-    from agelab.config import StudyConfig, apply_overrides, load_config, validate
+    from agelab.config import apply_overrides, load_config, validate
 
     if study is None:
         return validate(apply_overrides({"name": "adhoc"}, overrides), "(defaults)")
@@ -103,8 +105,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from agelab.study import serve_dashboard
 
-    return serve_dashboard(host=args.host, port=args.port, root=Path(args.root),
-                           storage=args.storage, expose=args.expose)
+    return serve_dashboard(
+        host=args.host,
+        port=args.port,
+        root=Path(args.root),
+        storage=args.storage,
+        expose=args.expose,
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -130,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     p.add_argument("--n-trials", type=int, default=None, help="stop this invocation after N trials")
-    p.add_argument("--join", action="store_true",
-                   help="join a study prepared elsewhere (other machines): do not plan trials")
+    p.add_argument(
+        "--join",
+        action="store_true",
+        help="join a study prepared elsewhere (other machines): do not plan trials",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -170,9 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=port)
         p.add_argument("--root", default="mlruns", help="folder of the default stores")
-        p.add_argument("--expose", action="store_true",
-                       help="allow a non-loopback --host (anyone who can reach it sees and can "
-                       "change your runs: there is no authentication)")
+        p.add_argument(
+            "--expose",
+            action="store_true",
+            help="allow a non-loopback --host (anyone who can reach it sees and can "
+            "change your runs: there is no authentication)",
+        )
         if name == "dashboard":
             p.add_argument("--storage", default=None, help="Optuna storage URL (default: journal)")
         p.set_defaults(func=cmd_ui if name == "ui" else cmd_dashboard)
@@ -187,7 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from agelab.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow flags (``run x.yaml --quiet train.epochs=2``), which plain
+    # argparse positionals do not allow: collect the key=value leftovers here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or not all("=" in e and not e.startswith("-")
+                                                      for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

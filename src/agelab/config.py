@@ -13,6 +13,7 @@ validation, so they are checked by exactly the same rules (``train.epochs=2``,
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import re
@@ -296,7 +297,7 @@ class MetricsConfig(Strict):
     @field_validator("age_bands")
     @classmethod
     def _increasing(cls, v: list[float]) -> list[float]:
-        if len(v) < 2 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
+        if len(v) < 2 or any(b <= a for a, b in itertools.pairwise(v)):
             raise ValueError("age_bands must be at least two strictly increasing edges")
         return v
 
@@ -334,10 +335,14 @@ class StudyConfig(Strict):
                 trial = copy.deepcopy(base)
                 _set_path(trial, key, value)
                 try:
-                    StudyConfig.model_validate({**trial, "name": self.name})
+                    StudyConfig.model_validate(
+                        {**trial, "name": self.name, "search": {"space": {}}}
+                    )
                 except ValidationError as exc:
                     first = exc.errors()[0]
-                    raise ValueError(f"search.space.{key}: value {value!r}: {first['msg']}") from None
+                    raise ValueError(
+                        f"search.space.{key}: value {value!r}: {first['msg']}"
+                    ) from None
         return self
 
     def with_params(self, params: dict[str, Any]) -> StudyConfig:
@@ -405,7 +410,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         key, value = parse_override(text)
         if key.startswith("search.space."):
             # Space keys are dotted paths themselves: search.space.model.norm=[a,b]
-            raw.setdefault("search", {}).setdefault("space", {})[key[len("search.space.") :]] = value
+            raw.setdefault("search", {}).setdefault("space", {})[key[len("search.space.") :]] = (
+                value
+            )
         else:
             _set_path(raw, key, value)
     return raw
@@ -441,7 +448,9 @@ def _format_errors(exc: ValidationError) -> list[str]:
 
 def validate(raw: Any, source: str = "(config)") -> StudyConfig:
     if not isinstance(raw, dict):
-        raise ConfigError(source, [f"top level must be a mapping of sections, got {type(raw).__name__}"])
+        raise ConfigError(
+            source, [f"top level must be a mapping of sections, got {type(raw).__name__}"]
+        )
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as exc:

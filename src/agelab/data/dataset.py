@@ -38,8 +38,10 @@ class FaceDataset:
     def __post_init__(self) -> None:
         n = len(self.ages)
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
-            raise ValueError(f"images must be uint8 [N,3,H,W], got {self.images.dtype} "
-                             f"{tuple(self.images.shape)}")
+            raise ValueError(
+                f"images must be uint8 [N,3,H,W], got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
         for name in ("subjects", "split", "true_ages", "paths"):
             value = getattr(self, name)
             if value is not None and len(value) != n:

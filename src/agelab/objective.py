@@ -1,0 +1,171 @@
+"""One trial, start to finish: build → fit → predict → diagnose → record.
+
+A pure function of (trial config, data): the study module hands it a config with the
+trial's params applied and the replicate seed in ``train.seed``. Selection uses the
+**calib** MAE only; test metrics are recorded but never returned to the optimiser.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from agelab.config import StudyConfig
+from agelab.data.dataset import FaceDataset
+from agelab.tracking import Tracker
+
+
+class TrialFailed(RuntimeError):
+    """A trial that cannot produce a result for a known reason (recorded, no traceback)."""
+
+
+@dataclass
+class TrialResult:
+    value: float  # calib MAE, what the optimiser minimises
+    metrics: dict[str, float]  # test metrics (stable names, see agelab.metrics.METRIC_DOCS)
+
+
+def first_conv_weight(model: torch.nn.Module) -> np.ndarray | None:
+    """Weights of the first 2-D convolution that sees the image (the matched filters)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3:
+            return module.weight.detach().float().cpu().numpy()
+    return None
+
+
+def evaluate_trial(
+    cfg: StudyConfig,
+    data: FaceDataset,
+    tracker: Tracker,
+    run_id: str,
+    on_epoch: Callable[[int, dict[str, float]], None],
+    *,
+    quiet: bool = False,
+) -> TrialResult:
+    from agelab import metrics as M
+    from agelab import plots
+    from agelab.models import build_model_from_config
+    from agelab.train import TrainingDiverged, fit, predict
+
+    t0 = time.time()
+    model, census = build_model_from_config(
+        cfg.model,
+        data.image_size,
+        cfg.train.loss,
+        huber_delta=cfg.train.huber_delta,
+        max_age=cfg.data.max_age,
+        seed=cfg.train.seed,
+    )
+    tracker.set_tags(run_id, {f"census.{k}": v for k, v in _flat_census(census).items()})
+    train_cfg = cfg.train.model_copy(update={"progress": cfg.train.progress and not quiet})
+    try:
+        result = fit(model, data, train_cfg, callbacks=[on_epoch])
+    except TrainingDiverged as exc:
+        raise TrialFailed(f"diverged: {exc}") from exc
+    except torch.OutOfMemoryError as exc:
+        raise TrialFailed(f"out of memory: {exc}") from exc
+    fit_seconds = time.time() - t0
+
+    calib_idx, test_idx = data.indices("calib"), data.indices("test")
+    device = result.device
+    pred = predict(model, data.images, batch_size=cfg.train.eval_batch_size, device=device)
+    y, p = data.ages.astype(np.float64), pred.astype(np.float64)
+    diag = M.evaluate(
+        y[test_idx],
+        p[test_idx],
+        y[calib_idx],
+        p[calib_idx],
+        k_max=cfg.metrics.k_max,
+        age_bands=cfg.metrics.age_bands,
+        conformal_levels=tuple(cfg.metrics.conformal_levels),
+        seed=cfg.train.seed,
+    )
+    calib_mae = float(np.mean(np.abs(p[calib_idx] - y[calib_idx])))
+    final = dict(diag.scalars)
+    final |= {
+        "calib_mae": calib_mae,
+        "fit_seconds": fit_seconds,
+        "best_epoch": float(result.best_epoch),
+        "train_images_per_second": float(result.images_per_second),
+    }
+    if data.true_ages is not None:  # synthetic: how far from the label-noise floor
+        final["noise_floor_mae"] = float(np.mean(np.abs(y[test_idx] - data.true_ages[test_idx])))
+        final["mae_vs_true_age"] = float(np.mean(np.abs(p[test_idx] - data.true_ages[test_idx])))
+    tracker.log_metrics(run_id, final, step=int(result.best_epoch))
+    tracker.set_tags(
+        run_id,
+        {
+            "agelab.verdict": diag.verdict,
+            "agelab.verdict_reason": diag.verdict_reason,
+            "agelab.device": str(device),
+        },
+    )
+
+    with tempfile.TemporaryDirectory(prefix="agelab-trial-") as tmp:
+        out = Path(tmp)
+        (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+        (out / "census.json").write_text(json.dumps(census, indent=2, default=str))
+        (out / "history.json").write_text(json.dumps(result.history, indent=2))
+        (out / "diagnostics.json").write_text(
+            json.dumps(
+                {
+                    "verdict": diag.verdict,
+                    "reason": diag.verdict_reason,
+                    "notes": diag.notes,
+                    "scalars": diag.scalars,
+                },
+                indent=2,
+                default=float,
+            )
+        )
+        diag.cs_curve.to_csv(out / "cs_curve.csv", index=False)
+        diag.bands.to_csv(out / "age_bands.csv", index=False)
+        if cfg.tracking.log_predictions:
+            table = pd.DataFrame(
+                {
+                    "split": data.split,
+                    "true_age": y,
+                    "prediction": p,
+                    "residual": p - y,
+                    "subject": data.subjects,
+                }
+            )
+            if data.paths is not None:
+                table["path"] = data.paths
+            if data.true_ages is not None:
+                table["noise_free_age"] = data.true_ages
+            table.to_csv(out / "predictions.csv", index=False)
+        if cfg.tracking.log_figures:
+            figs = plots.figures_for(
+                diag,
+                y[test_idx],
+                p[test_idx],
+                first_layer_weights=first_conv_weight(model),
+                seed=cfg.train.seed,
+            )
+            for name, fig in figs.items():
+                plots.save_png(fig, out / "figures" / f"{name}.png")
+        if cfg.tracking.log_checkpoint:
+            from agelab.train import save_checkpoint
+
+            save_checkpoint(out / "model.pt", model, cfg.model_dump(mode="json"), census)
+        tracker.log_artifacts(run_id, out)
+    return TrialResult(value=calib_mae, metrics=final)
+
+
+def _flat_census(census: dict, prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in census.items():
+        if isinstance(value, dict):
+            flat |= _flat_census(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
