@@ -115,15 +115,13 @@ def evaluate_trial(
         (out / "census.json").write_text(json.dumps(census, indent=2, default=str))
         (out / "history.json").write_text(json.dumps(result.history, indent=2))
         (out / "diagnostics.json").write_text(
-            json.dumps(
+            _strict_json(
                 {
                     "verdict": diag.verdict,
                     "reason": diag.verdict_reason,
                     "notes": diag.notes,
                     "scalars": diag.scalars,
-                },
-                indent=2,
-                default=float,
+                }
             )
         )
         diag.cs_curve.to_csv(out / "cs_curve.csv", index=False)
@@ -159,6 +157,21 @@ def evaluate_trial(
             save_checkpoint(out / "model.pt", model, cfg.model_dump(mode="json"), census)
         tracker.log_artifacts(run_id, out)
     return TrialResult(value=calib_mae, metrics=final)
+
+
+def _strict_json(obj) -> str:
+    """JSON that strict parsers accept: NaN/inf (undefined statistics) become null."""
+
+    def clean(x):
+        if isinstance(x, float) and not np.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=2, default=float, allow_nan=False)
 
 
 def _flat_census(census: dict, prefix: str = "") -> dict[str, str]:
