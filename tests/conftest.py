@@ -17,6 +17,16 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def faces_sample() -> Path:
     if not (FACES_SAMPLE / "labels.csv").is_file():

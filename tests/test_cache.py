@@ -55,8 +55,10 @@ def load(cfg: DataConfig):
 
 @pytest.fixture
 def entry(tmp_path):
-    arrays = {"images": np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4),
-              "ages": np.array([3.5, 70.0], dtype=np.float32)}
+    arrays = {
+        "images": np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4),
+        "ages": np.array([3.5, 70.0], dtype=np.float32),
+    }
     fp = C.fingerprint({"test": 1})
     key = C.entry_key("t", fp)
     side = C.save_entry(tmp_path, key, fp, arrays, {"note": "x"})
@@ -73,7 +75,10 @@ def test_roundtrip_and_layout(entry):
     assert meta["arrays"]["images"]["shape"] == [2, 3, 4, 4]
     assert len(meta["arrays"]["images"]["sha256"]) == 64
     assert sorted(p.name for p in folder.iterdir()) == [
-        f"{key}.ages.npy", f"{key}.images.npy", f"{key}.json"]  # no temp files left
+        f"{key}.ages.npy",
+        f"{key}.images.npy",
+        f"{key}.json",
+    ]  # no temp files left
 
 
 def test_miss_is_silent(tmp_path):
@@ -122,6 +127,7 @@ def _edit_sidecar(mutate):
         meta = json.loads(side.read_text())
         mutate(meta)
         side.write_text(json.dumps(meta))
+
     return apply
 
 
@@ -137,12 +143,18 @@ CORRUPTIONS = {
     "pickled object array": (_pickle, r"bytes, expected|does not load"),
     "array file missing": (_missing_array, "missing"),
     "sidecar not json": (_sidecar_garbage, "not valid JSON"),
-    "sidecar shape edited": (_edit_sidecar(lambda m: m["arrays"]["images"].update(
-        shape=[9, 3, 4, 4])), "expected"),
-    "sidecar sha edited": (_edit_sidecar(lambda m: m["arrays"]["ages"].update(
-        sha256="0" * 64)), "checksum"),
-    "sidecar fingerprint edited": (_edit_sidecar(lambda m: m.update(fingerprint="f" * 64)),
-                                   "fingerprint"),
+    "sidecar shape edited": (
+        _edit_sidecar(lambda m: m["arrays"]["images"].update(shape=[9, 3, 4, 4])),
+        "expected",
+    ),
+    "sidecar sha edited": (
+        _edit_sidecar(lambda m: m["arrays"]["ages"].update(sha256="0" * 64)),
+        "checksum",
+    ),
+    "sidecar fingerprint edited": (
+        _edit_sidecar(lambda m: m.update(fingerprint="f" * 64)),
+        "fingerprint",
+    ),
     "sidecar format changed": (_edit_sidecar(lambda m: m.update(format=999)), "format"),
     "sidecar table removed": (_edit_sidecar(lambda m: m.pop("arrays")), "array table"),
 }

@@ -31,8 +31,11 @@ def test_every_mode_becomes_rgb(tmp_path, mode):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
     if mode in ("I;16", "I", "F"):
-        img = Image.fromarray((rng.random((20, 24)) * 4000).astype(
-            {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+        img = Image.fromarray(
+            (rng.random((20, 24)) * 4000).astype(
+                {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+            )
+        )
         assert img.mode == mode or mode == "I;16"
     else:
         img = img.convert(mode)
@@ -91,13 +94,16 @@ def test_truncated_images_are_never_tolerated(tmp_path, monkeypatch):
 
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)).save(
-        buf, "JPEG")
+        buf, "JPEG"
+    )
     (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[:300])
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some library might
     from agelab.data.images import ImageProblem
 
-    with pytest.warns(RuntimeWarning, match="LOAD_TRUNCATED_IMAGES"), \
-            pytest.raises(ImageProblem, match="truncated"):
+    with (
+        pytest.warns(RuntimeWarning, match="LOAD_TRUNCATED_IMAGES"),
+        pytest.raises(ImageProblem, match="truncated"),
+    ):
         decode_image(tmp_path / "cut.jpg", 16)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
@@ -109,8 +115,7 @@ def make_csv(root: Path, n: int = 12, subjects: bool = True, boxes: bool = False
     rng = np.random.default_rng(0)
     lines = ["path,age" + (",subject" if subjects else "") + (",x,y,w,h" if boxes else "")]
     for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
-            root / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / f"{i}.png")
         line = f"{i}.png,{5 + 6 * i % 90}" + (f",p{i // 2}" if subjects else "")
         lines.append(line + (",5,5,20,20" if boxes and i % 2 else ",,,," if boxes else ""))
     (root / "labels.csv").write_text("\n".join(lines) + "\n")
@@ -129,8 +134,20 @@ def test_real_dataset_fields_and_info(tmp_path):
     for s in set(data.subjects):
         assert len(set(data.split[data.subjects == s])) == 1  # subject-disjoint
     info = data.info
-    for key in ("source", "n_images", "n_bad", "bad_rows", "age_min", "age_max", "age_mean",
-                "image_size", "cache_hit", "seconds", "split", "original_sizes"):
+    for key in (
+        "source",
+        "n_images",
+        "n_bad",
+        "bad_rows",
+        "age_min",
+        "age_max",
+        "age_mean",
+        "image_size",
+        "cache_hit",
+        "seconds",
+        "split",
+        "original_sizes",
+    ):
         assert key in info, key
     assert info["has_boxes"] and info["original_sizes"] == {"40x30": 12}
     assert (info["age_min"], info["age_max"], info["n_subjects"]) == (5.0, 71.0, 6)
@@ -145,8 +162,11 @@ def test_split_follows_the_split_config(tmp_path):
 
 
 def test_synthetic_dataset():
-    data = load(synthetic=SynthConfig(n_images=20, images_per_subject=4,
-                                      label_noise={"kind": "normal", "scale": 3.0}))
+    data = load(
+        synthetic=SynthConfig(
+            n_images=20, images_per_subject=4, label_noise={"kind": "normal", "scale": 3.0}
+        )
+    )
     assert len(data) == 20 and data.source == "synthetic" and data.paths is None
     assert data.subjects.dtype.kind == "U" and len(set(data.subjects)) == 5
     assert data.true_ages is not None and data.info["noise_floor_mae"] > 0
@@ -183,18 +203,26 @@ def test_wrong_utkface_folder_points_to_the_right_one(faces_sample, tmp_path):
 def test_inspect_reports_counts_histogram_sizes_and_bad_rows(tmp_path):
     for i, age in enumerate([3, 15, 17, 44, 90]):
         solid((30 + i, 20), (i * 40, 0, 0)).convert("L" if i == 0 else "RGB").save(
-            tmp_path / f"{age}_0_0_2017010{i}.jpg")
+            tmp_path / f"{age}_0_0_2017010{i}.jpg"
+        )
     (tmp_path / "50_0_0_20170109.jpg").write_text("not an image")
     (tmp_path / "readme.txt").write_text("hi")
     report = inspect_source("utkface", tmp_path, progress=False)
     assert (report["n_rows"], report["n_ok"], report["n_bad"]) == (7, 5, 2)
     assert report["age_histogram"]["10-19"] == 2 and report["age_histogram"]["90-99"] == 1
     assert report["image_sizes"]["30x20"] == 1 and report["modes"] == {"L": 1, "RGB": 4}
-    assert report["bad_rows"]["counts"] == {"name does not match pattern": 1,
-                                            "not an image": 1}
+    assert report["bad_rows"]["counts"] == {"name does not match pattern": 1, "not an image": 1}
     text = format_inspection(report)
-    for needle in ("usable: 5", "10-19", "█", "30x20", "found 2 bad row(s)",
-                   "name does not match pattern", "readme.txt", "modes: RGB 4, L 1"):
+    for needle in (
+        "usable: 5",
+        "10-19",
+        "█",
+        "30x20",
+        "found 2 bad row(s)",
+        "name does not match pattern",
+        "readme.txt",
+        "modes: RGB 4, L 1",
+    ):
         assert needle in text, (needle, text)
 
 

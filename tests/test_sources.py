@@ -60,8 +60,14 @@ def csv_with(tmp: Path, bad_row: str, *, header: str = "path,age,subject") -> Pa
 
 
 def cfg(source: str, path: Path, on_bad: str = "error", **kw) -> DataConfig:
-    return DataConfig(source=source, path=path, image_size=16, on_bad=on_bad,
-                      cache_dir=path.parent / ".cache" if path.is_file() else path / ".cache", **kw)
+    return DataConfig(
+        source=source,
+        path=path,
+        image_size=16,
+        on_bad=on_bad,
+        cache_dir=path.parent / ".cache" if path.is_file() else path / ".cache",
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------------ formats
@@ -74,8 +80,11 @@ def test_registry_names_every_source():
 
 
 def test_utkface_folder(tmp_path):
-    names = ["25_0_1_20170116174525125.jpg.chip.jpg", "3_1_0_20170109150557335.jpg",
-             "80_0_2_20170110182418551.JPG"]
+    names = [
+        "25_0_1_20170116174525125.jpg.chip.jpg",
+        "3_1_0_20170109150557335.jpg",
+        "80_0_2_20170110182418551.JPG",
+    ]
     for i, n in enumerate(names):
         write_image(tmp_path / n, seed=i)
     (tmp_path / ".DS_Store").write_bytes(b"junk")  # hidden files are ignored
@@ -107,8 +116,10 @@ def test_csv_minimal_float_ages_relative_paths(tmp_path):
 def test_csv_with_subject_and_box_columns_any_order_and_case(tmp_path):
     write_image(tmp_path / "a.jpg", size=(40, 30))
     write_image(tmp_path / "b.jpg", size=(40, 30))
-    man = write_csv(tmp_path, [" Subject ,H,W,Y,X,Age,PATH,extra",
-                               "p1,10,12,3,4,30,a.jpg,ignored", "p2,,,,,40,b.jpg,"])
+    man = write_csv(
+        tmp_path,
+        [" Subject ,H,W,Y,X,Age,PATH,extra", "p1,10,12,3,4,30,a.jpg,ignored", "p2,,,,,40,b.jpg,"],
+    )
     m = read_csv(man)
     assert m.has_boxes
     row = m.table.iloc[0]
@@ -255,14 +266,19 @@ BAD_CASES = {
     "text named .jpg": (_text, S.NOT_IMAGE, "notes.jpg"),
     "truncated jpeg": (_truncated, S.TRUNCATED_IMAGE, "cut.jpg"),
     "corrupt jpeg": (_garbage, S.CORRUPT_IMAGE, "garbage.jpg"),
-    "age not numeric": (lambda t: ("csv", csv_with(t, "images/extra.jpg,thirty,x")),
-                        S.BAD_AGE, "'thirty'"),
+    "age not numeric": (
+        lambda t: ("csv", csv_with(t, "images/extra.jpg,thirty,x")),
+        S.BAD_AGE,
+        "'thirty'",
+    ),
     "age nan": (lambda t: ("csv", csv_with(t, "images/extra.jpg,nan,x")), S.BAD_AGE, "finite"),
     "age empty": (lambda t: ("csv", csv_with(t, "images/extra.jpg,,x")), S.MISSING_AGE, "empty"),
-    "age negative": (lambda t: ("csv", csv_with(t, "images/extra.jpg,-2,x")),
-                     S.NEGATIVE_AGE, "-2"),
-    "age over max": (lambda t: ("csv", csv_with(t, "images/extra.jpg,121,x")),
-                     S.AGE_TOO_HIGH, "max_age=120"),
+    "age negative": (lambda t: ("csv", csv_with(t, "images/extra.jpg,-2,x")), S.NEGATIVE_AGE, "-2"),
+    "age over max": (
+        lambda t: ("csv", csv_with(t, "images/extra.jpg,121,x")),
+        S.AGE_TOO_HIGH,
+        "max_age=120",
+    ),
     "duplicate path": (_dup, S.DUPLICATE_PATH, "already listed at"),
     "path with ..": (_dotdot, S.OUTSIDE_ROOT, "outside.jpg"),
     "absolute path": (_absolute, S.OUTSIDE_ROOT, "absolute path"),
@@ -270,19 +286,34 @@ BAD_CASES = {
     "symlinked folder outside": (_linked_dir_out, S.OUTSIDE_ROOT, "outside"),
     "windows separators": (_backslash, S.MISSING_FILE, "not \\"),
     "empty path": (lambda t: ("csv", csv_with(t, ",30,x")), S.MISSING_PATH, "path is empty"),
-    "too many fields": (lambda t: ("csv", csv_with(t, "images/extra.jpg,30,x,extra")),
-                        S.MALFORMED_ROW, "4 fields"),
+    "too many fields": (
+        lambda t: ("csv", csv_with(t, "images/extra.jpg,30,x,extra")),
+        S.MALFORMED_ROW,
+        "4 fields",
+    ),
     "box not numeric": (_box_bad, S.BAD_BOX, "not all numbers"),
     "box outside image": (_box_outside, S.BAD_BOX, "outside the 24x20 image"),
     "utkface name": (lambda t: ("utkface", _utk(t, "holiday.jpg")), S.NAME_PATTERN, "holiday"),
-    "utkface non-integer": (lambda t: ("utkface", _utk(t, "25.5_0_0_20170101.jpg")),
-                            S.NON_INTEGER_AGE, "'25.5'"),
-    "utkface negative": (lambda t: ("utkface", _utk(t, "-3_0_0_20170101.jpg")),
-                         S.NEGATIVE_AGE, "-3"),
-    "utkface over max": (lambda t: ("utkface", _utk(t, "130_0_0_20170101.jpg")),
-                         S.AGE_TOO_HIGH, "130"),
-    "utkface text file": (lambda t: ("utkface", _utk(t, "30_0_0_1.jpg", b"hello")),
-                          S.NOT_IMAGE, "30_0_0_1.jpg"),
+    "utkface non-integer": (
+        lambda t: ("utkface", _utk(t, "25.5_0_0_20170101.jpg")),
+        S.NON_INTEGER_AGE,
+        "'25.5'",
+    ),
+    "utkface negative": (
+        lambda t: ("utkface", _utk(t, "-3_0_0_20170101.jpg")),
+        S.NEGATIVE_AGE,
+        "-3",
+    ),
+    "utkface over max": (
+        lambda t: ("utkface", _utk(t, "130_0_0_20170101.jpg")),
+        S.AGE_TOO_HIGH,
+        "130",
+    ),
+    "utkface text file": (
+        lambda t: ("utkface", _utk(t, "30_0_0_1.jpg", b"hello")),
+        S.NOT_IMAGE,
+        "30_0_0_1.jpg",
+    ),
     "fgnet name": (lambda t: ("fgnet", _fg(t, "001B02.JPG")), S.NAME_PATTERN, "001B02"),
     "fgnet over max": (lambda t: ("fgnet", _fg(t, "009A99.JPG")), S.AGE_TOO_HIGH, "99"),
 }
@@ -321,8 +352,16 @@ def test_skip_reports_many_reasons_with_counts(tmp_path):
     for i in range(5):
         write_image(root / f"g{i}.jpg", seed=i)
     (root / "empty.jpg").write_bytes(b"")
-    lines = ["path,age", *(f"g{i}.jpg,{30 + i}" for i in range(5)),
-             "nope1.jpg,3", "nope2.jpg,3", "nope3.jpg,3", "nope4.jpg,3", "empty.jpg,5", "g0.jpg,x"]
+    lines = [
+        "path,age",
+        *(f"g{i}.jpg,{30 + i}" for i in range(5)),
+        "nope1.jpg,3",
+        "nope2.jpg,3",
+        "nope3.jpg,3",
+        "nope4.jpg,3",
+        "empty.jpg,5",
+        "g0.jpg,x",
+    ]
     data = load_dataset(cfg("csv", write_csv(root, lines), "skip"), progress=False)
     bad = data.info["bad_rows"]
     assert bad["n"] == 6
@@ -383,26 +422,33 @@ def _utk_wrong_folder(t):
 
 
 SOURCE_CASES = {
-    "missing age column": (lambda t: ("csv", write_csv(t, ["path,years", "a.jpg,3"])),
-                           "missing column(s) age; found columns: 'path', 'years'"),
+    "missing age column": (
+        lambda t: ("csv", write_csv(t, ["path,years", "a.jpg,3"])),
+        "missing column(s) age; found columns: 'path', 'years'",
+    ),
     "no header": (lambda t: ("csv", write_csv(t, ["a.jpg,3"])), "first line looks like data"),
     "semicolon delimiter": (_semicolon, "separated by semicolons, not commas"),
     "tab delimiter": (_tab, "separated by tabs, not commas"),
     "empty file": (_empty_csv, "is empty"),
     "whitespace-only file": (_blank_csv, "is empty"),
     "header only": (lambda t: ("csv", write_csv(t, ["path,age,subject"])), "no rows"),
-    "partial box columns": (lambda t: ("csv", write_csv(t, ["path,age,x,y", "a.jpg,3,1,2"])),
-                            "needs all of x, y, w, h"),
-    "duplicate columns": (lambda t: ("csv", write_csv(t, ["path,age,age", "a.jpg,3,4"])),
-                          "duplicate column(s) age"),
+    "partial box columns": (
+        lambda t: ("csv", write_csv(t, ["path,age,x,y", "a.jpg,3,1,2"])),
+        "needs all of x, y, w, h",
+    ),
+    "duplicate columns": (
+        lambda t: ("csv", write_csv(t, ["path,age,age", "a.jpg,3,4"])),
+        "duplicate column(s) age",
+    ),
     "utf-16": (_utf16, "UTF-16"),
     "latin-1": (_latin1, "not UTF-8"),
     "manifest missing": (lambda t: ("csv", t / "nope.csv"), "does not exist"),
-    "csv given a folder": (lambda t: ("csv", write_csv(t, ["path,age"]).parent),
-                           "use data.path="),
+    "csv given a folder": (lambda t: ("csv", write_csv(t, ["path,age"]).parent), "use data.path="),
     "utkface folder missing": (lambda t: ("utkface", t / "nope"), "does not exist"),
-    "utkface given a file": (lambda t: ("utkface", write_csv(t, ["path,age"])),
-                             "use data.source=csv"),
+    "utkface given a file": (
+        lambda t: ("utkface", write_csv(t, ["path,age"])),
+        "use data.source=csv",
+    ),
     "utkface wrong folder": (_utk_wrong_folder, "subfolder images/ has 1 files"),
     "fgnet empty folder": (lambda t: ("fgnet", t), "no fgnet images"),
 }

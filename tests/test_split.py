@@ -20,11 +20,15 @@ def layout(n_subjects: int, per_subject: int, n_loose: int = 0, seed: int = 0):
     """Ages and subjects: n_subjects people with per_subject images, plus subject-less ones."""
     rng = np.random.default_rng(seed)
     base = rng.uniform(0, 90, n_subjects)
-    ages = np.concatenate([np.repeat(base, per_subject) + rng.uniform(0, 3, n_subjects *
-                                                                        per_subject),
-                           rng.uniform(0, 90, n_loose)])
-    subjects = np.array([f"p{i}" for i in range(n_subjects) for _ in range(per_subject)]
-                        + [""] * n_loose)
+    ages = np.concatenate(
+        [
+            np.repeat(base, per_subject) + rng.uniform(0, 3, n_subjects * per_subject),
+            rng.uniform(0, 90, n_loose),
+        ]
+    )
+    subjects = np.array(
+        [f"p{i}" for i in range(n_subjects) for _ in range(per_subject)] + [""] * n_loose
+    )
     return ages, subjects
 
 
@@ -49,9 +53,13 @@ def layouts(draw):
     train = draw(st.floats(0.4, 0.8))
     calib_share = draw(st.floats(0.2, 0.8))
     calib = (1 - train) * calib_share
-    cfg = SplitConfig(train=train, calib=calib, test=1 - train - calib,
-                      seed=draw(st.integers(0, 2**31)),
-                      band_width=draw(st.sampled_from([5.0, 10.0, 20.0])))
+    cfg = SplitConfig(
+        train=train,
+        calib=calib,
+        test=1 - train - calib,
+        seed=draw(st.integers(0, 2**31)),
+        band_width=draw(st.sampled_from([5.0, 10.0, 20.0])),
+    )
     return np.array(ages), np.array(subjects), cfg
 
 

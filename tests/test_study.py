@@ -216,18 +216,7 @@ def test_four_workers_share_a_16_cell_grid(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
-    raw = tiny_study(
-        tmp_path,
-        train={
-            "epochs": 3,
-            "batch_size": 32,
-            "warmup_epochs": 0,
-            "patience": None,
-            "progress": False,
-            "threads": 1,
-            "augment": {"enabled": False},
-        },
-    )
+    raw = tiny_study(tmp_path, train={"epochs": 3})
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg = validate(raw)

@@ -205,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     # argparse positionals do not allow: collect the key=value leftovers here.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if not hasattr(args, "overrides") or not all("=" in e and not e.startswith("-")
-                                                      for e in extra):
+        if not hasattr(args, "overrides") or not all(
+            "=" in e and not e.startswith("-") for e in extra
+        ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:

@@ -54,6 +54,7 @@ from agelab.tracking import (
     TAG_WORKER_HOST,
     TAG_WORKER_PID,
     Tracker,
+    bind_allowed,
     git_commit,
     mask_uri,
 )
@@ -689,11 +690,7 @@ def _print_summary(cfg: StudyConfig, s: StudySummary, tracker: Tracker, seconds:
 
 
 def serve_dashboard(*, host: str, port: int, root: Path, storage: str | None, expose: bool) -> int:
-    if host not in ("127.0.0.1", "localhost", "::1") and not expose:
-        print(
-            f"agelab dashboard: refusing to bind {host} without --expose (no authentication)",
-            file=sys.stderr,
-        )
+    if not bind_allowed(host, expose, "agelab dashboard"):
         return 2
     from agelab.config import StudyConfig as _S
 

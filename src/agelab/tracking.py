@@ -96,24 +96,24 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _git(*args: str) -> str | None:
+    out = subprocess.run(
+        ["git", *args],
+        capture_output=True,
+        text=True,
+        timeout=5,
+        cwd=Path(__file__).resolve().parent,
+    )
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def git_commit() -> str:
+    """The commit agelab runs from (``-dirty`` with uncommitted changes), for run tags."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        commit = out.stdout.strip() if out.returncode == 0 else "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return commit + ("-dirty" if dirty.stdout.strip() else "")
+        commit = _git("rev-parse", "--short=12", "HEAD")
+        if commit is None:
+            return "unknown"
+        return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -258,14 +258,24 @@ class Tracker:
         return self.search("attributes.status = 'RUNNING'")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def bind_allowed(host: str, expose: bool, who: str) -> bool:
+    """UIs bind to loopback unless the user explicitly exposes them (they have no auth)."""
+    if host in LOOPBACK or expose:
+        return True
+    print(
+        f"{who}: refusing to bind {host}: it has no authentication and anyone who reaches it "
+        "can read and change your runs. Pass --expose to do it anyway.",
+        file=sys.stderr,
+    )
+    return False
+
+
 def serve_ui(*, host: str, port: int, root: Path, expose: bool) -> int:
     """``mlflow ui`` over the default store, on loopback unless ``expose`` is given."""
-    if host not in ("127.0.0.1", "localhost", "::1") and not expose:
-        print(
-            f"agelab ui: refusing to bind {host}: the MLflow UI has no authentication and "
-            "anyone who reaches it can read and change your runs. Pass --expose to do it anyway.",
-            file=sys.stderr,
-        )
+    if not bind_allowed(host, expose, "agelab ui"):
         return 2
     uri = default_uri(TrackingConfig(root=root))
     cmd = [

@@ -95,8 +95,11 @@ def _try_save(cache_dir: Path, key: str, fp: str, arrays: dict, meta: dict) -> P
     try:
         return save_entry(cache_dir, key, fp, arrays, meta)
     except OSError as exc:
-        warnings.warn(f"agelab: could not write the data cache in {cache_dir}: {exc}",
-                      CacheWarning, stacklevel=3)
+        warnings.warn(
+            f"agelab: could not write the data cache in {cache_dir}: {exc}",
+            CacheWarning,
+            stacklevel=3,
+        )
         return None
 
 
@@ -215,14 +218,16 @@ def _real_fingerprint(cfg: DataConfig, manifest: Manifest) -> str:
     t = manifest.table
     box_cols = ["x", "y", "w", "h"] if manifest.has_boxes else []
     rows = t[["path", "size", "mtime_ns", "age", "subject", *box_cols]].astype(object)
-    return fingerprint({
-        "source": cfg.source,
-        "decoder": DECODER_VERSION,
-        "image_size": cfg.image_size,
-        "center_crop": cfg.center_crop,
-        # NaN (no box) is not JSON: repr() keeps every value exact and comparable.
-        "rows": [[repr(v) for v in row] for row in rows.itertuples(index=False)],
-    })
+    return fingerprint(
+        {
+            "source": cfg.source,
+            "decoder": DECODER_VERSION,
+            "image_size": cfg.image_size,
+            "center_crop": cfg.center_crop,
+            # NaN (no box) is not JSON: repr() keeps every value exact and comparable.
+            "rows": [[repr(v) for v in row] for row in rows.itertuples(index=False)],
+        }
+    )
 
 
 def _top(counter: Counter, k: int = 8) -> dict[str, int]:
@@ -237,8 +242,12 @@ def _decode_manifest(cfg: DataConfig, manifest: Manifest, progress: bool) -> tup
     t0 = time.perf_counter()
     try:
         result = decode_many(
-            list(t["file"]), cfg.image_size, cfg.center_crop, _boxes(manifest),
-            stop_at_first=cfg.on_bad == "error", progress=progress,
+            list(t["file"]),
+            cfg.image_size,
+            cfg.center_crop,
+            _boxes(manifest),
+            stop_at_first=cfg.on_bad == "error",
+            progress=progress,
             desc=f"decoding {cfg.source} images",
         )
     except ImageProblem as exc:

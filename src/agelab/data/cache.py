@@ -52,7 +52,9 @@ def fingerprint(payload: Any) -> str:
     """sha256 of a JSON-serialisable payload (keys sorted, so dict order does not matter)."""
     text = json.dumps(
         {"cache_format": CACHE_FORMAT_VERSION, "payload": payload},
-        sort_keys=True, separators=(",", ":"), default=str,
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -238,9 +240,7 @@ def bench_cache(n: int = 10_000, size: int = 64, *, workdir: str | Path | None =
     rng = np.random.default_rng(0)
     # Blocky noise upsampled 8×, so JPEG sizes and decode costs are realistic (not flat).
     small = rng.integers(0, 256, (n, 3, size // 8 + 1, size // 8 + 1), dtype=np.uint8)
-    images = np.ascontiguousarray(
-        small.repeat(8, axis=2).repeat(8, axis=3)[:, :, :size, :size]
-    )
+    images = np.ascontiguousarray(small.repeat(8, axis=2).repeat(8, axis=3)[:, :, :size, :size])
     with tempfile.TemporaryDirectory(dir=workdir, prefix="agelab-bench-") as tmp:
         tmp_path = Path(tmp)
         fp = fingerprint({"bench": n, "size": size})
@@ -259,13 +259,18 @@ def bench_cache(n: int = 10_000, size: int = 64, *, workdir: str | Path | None =
         t0 = time.perf_counter()
         lines = ["path,age"]
         for i in range(n):
-            Image.fromarray(images[i].transpose(1, 2, 0)).save(jpegs / f"img/{i:06d}.jpg",
-                                                               quality=90)
+            Image.fromarray(images[i].transpose(1, 2, 0)).save(
+                jpegs / f"img/{i:06d}.jpg", quality=90
+            )
             lines.append(f"img/{i:06d}.jpg,{i % 90}")
         (jpegs / "labels.csv").write_text("\n".join(lines) + "\n")
         write_jpeg_s = time.perf_counter() - t0
-        cfg = DataConfig(source="csv", path=jpegs / "labels.csv", image_size=size,
-                         cache_dir=tmp_path / "dataset-cache")
+        cfg = DataConfig(
+            source="csv",
+            path=jpegs / "labels.csv",
+            image_size=size,
+            cache_dir=tmp_path / "dataset-cache",
+        )
         t0 = time.perf_counter()
         built = load_dataset(cfg, progress=False)
         decode_s = time.perf_counter() - t0

@@ -112,8 +112,9 @@ def open_image(file: str | Path) -> Image.Image:
     except UnidentifiedImageError:
         kind = _sniff(file)
         if kind:  # a known image signature, but PIL cannot parse the rest
-            raise ImageProblem(CORRUPT_IMAGE, f"starts like a {kind} but its header is damaged",
-                               file) from None
+            raise ImageProblem(
+                CORRUPT_IMAGE, f"starts like a {kind} but its header is damaged", file
+            ) from None
         raise ImageProblem(NOT_IMAGE, "not in an image format PIL can read", file) from None
     except Image.DecompressionBombError as exc:
         raise ImageProblem(CORRUPT_IMAGE, str(exc), file) from None

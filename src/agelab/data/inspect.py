@@ -38,14 +38,24 @@ def inspect_source(
     if spec is None:
         raise DataError(f"unknown data source {source!r}; valid: {', '.join(SOURCES)}")
     if spec.read is None:
-        raise DataError(f"{source!r} is generated, not read from files: nothing to inspect "
-                        "(use `agelab data preview` to look at synthetic faces)")
+        raise DataError(
+            f"{source!r} is generated, not read from files: nothing to inspect "
+            "(use `agelab data preview` to look at synthetic faces)"
+        )
     manifest = spec.read(Path(path), max_age=max_age, on_bad="skip")
     t = manifest.table
     files = list(t["file"])
     with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
-        probes = list(tqdm(pool.map(_probe, files, chunksize=16), total=len(files),
-                           desc="reading images", unit="img", disable=not progress, leave=False))
+        probes = list(
+            tqdm(
+                pool.map(_probe, files, chunksize=16),
+                total=len(files),
+                desc="reading images",
+                unit="img",
+                disable=not progress,
+                leave=False,
+            )
+        )
     bad = list(manifest.bad.rows)
     ok = np.zeros(len(files), dtype=bool)
     sizes: Counter[str] = Counter()
@@ -81,7 +91,9 @@ def inspect_source(
             "max": float(ages.max()),
             "mean": round(float(ages.mean()), 2),
             "median": float(np.median(ages)),
-        } if len(ages) else {},
+        }
+        if len(ages)
+        else {},
         "age_histogram": histogram,
         "image_sizes": dict(sizes.most_common()),
         "modes": dict(modes.most_common()),
@@ -96,15 +108,20 @@ def format_inspection(report: dict[str, Any], *, bar_width: int = 40, top_sizes:
     lines = [
         f"{report['source']} dataset at {report['path']}",
         f"  rows/files: {report['n_rows']}   usable: {report['n_ok']}   bad: {report['n_bad']}"
-        + (f"   subjects: {report['n_subjects']}" if report.get("n_subjects") else
-           "   subjects: none (each image is its own split group)"),
+        + (
+            f"   subjects: {report['n_subjects']}"
+            if report.get("n_subjects")
+            else "   subjects: none (each image is its own split group)"
+        ),
     ]
     if report.get("has_boxes"):
         lines.append("  face boxes: yes (x, y, w, h columns)")
     ages = report.get("ages") or {}
     if ages:
-        lines.append(f"  ages: {ages['min']:g}–{ages['max']:g}, mean {ages['mean']:g}, "
-                     f"median {ages['median']:g}")
+        lines.append(
+            f"  ages: {ages['min']:g}–{ages['max']:g}, mean {ages['mean']:g}, "
+            f"median {ages['median']:g}"
+        )
         hist = report.get("age_histogram", {})
         peak = max(hist.values(), default=0) or 1
         lines.append("  age histogram (by decade):")
@@ -121,8 +138,11 @@ def format_inspection(report: dict[str, Any], *, bar_width: int = 40, top_sizes:
         if rest:
             lines.append(f"    {'other':>11}  {rest:6d}")
     if report.get("modes"):
-        lines.append("  modes: " + ", ".join(f"{m} {c}" for m, c in report["modes"].items())
-                     + "   (all converted to RGB)")
+        lines.append(
+            "  modes: "
+            + ", ".join(f"{m} {c}" for m, c in report["modes"].items())
+            + "   (all converted to RGB)"
+        )
     if report.get("formats"):
         lines.append("  formats: " + ", ".join(f"{f} {c}" for f, c in report["formats"].items()))
     for note in report.get("notes", []):

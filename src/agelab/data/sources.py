@@ -204,8 +204,16 @@ class Manifest:
 
 
 def _empty_table(has_boxes: bool) -> dict[str, list]:
-    cols = ["path", "age", "subject", *(BOX_COLUMNS if has_boxes else ()), "where", "file",
-            "size", "mtime_ns"]
+    cols = [
+        "path",
+        "age",
+        "subject",
+        *(BOX_COLUMNS if has_boxes else ()),
+        "where",
+        "file",
+        "size",
+        "mtime_ns",
+    ]
     return {c: [] for c in cols}
 
 
@@ -252,13 +260,17 @@ class _FileChecker:
     def check_location(self, rel: str, where: str) -> str | None:
         """Inside-root and duplicate checks; returns the resolved path (may not exist)."""
         if os.path.isabs(rel) or re.match(r"^[A-Za-z]:[\\/]", rel) or rel.startswith("\\"):
-            self.bad.add(OUTSIDE_ROOT, where,
-                         f"absolute path {rel!r}; write it relative to {self.root}")
+            self.bad.add(
+                OUTSIDE_ROOT, where, f"absolute path {rel!r}; write it relative to {self.root}"
+            )
             return None
         real = self._realpath(rel)
         if not (real == self.root_real or real.startswith(self.root_real.rstrip(os.sep) + os.sep)):
-            how = "is a symlink to" if os.path.islink(os.path.join(self.root_str, rel)) else \
-                "resolves to"
+            how = (
+                "is a symlink to"
+                if os.path.islink(os.path.join(self.root_str, rel))
+                else "resolves to"
+            )
             self.bad.add(OUTSIDE_ROOT, where, f"{rel!r} {how} {real}, outside {self.root_real}")
             return None
         if real in self.seen:
@@ -381,8 +393,7 @@ def _read_folder(
                 hint = f"; the subfolder {d}/ has {len(inner)} files — use data.path={root / d}"
                 break
         raise DataError(
-            f"no {source} images in {root}: expected names like {example} "
-            f"(found: {found}){hint}"
+            f"no {source} images in {root}: expected names like {example} (found: {found}){hint}"
         )
     bad = BadRows(on_bad)
     checker = _FileChecker(root, bad)
@@ -415,14 +426,28 @@ def _read_folder(
 
 def read_utkface(path: str | Path, *, max_age: float = 120.0, on_bad: OnBad = "error") -> Manifest:
     """A UTKFace folder (``{age}_{gender}_{race}_{datetime}.jpg[.chip.jpg]``); no subjects."""
-    return _read_folder("utkface", Path(path), UTKFACE_PATTERN, UTKFACE_EXAMPLE,
-                        lambda m: "", max_age=max_age, on_bad=on_bad)
+    return _read_folder(
+        "utkface",
+        Path(path),
+        UTKFACE_PATTERN,
+        UTKFACE_EXAMPLE,
+        lambda m: "",
+        max_age=max_age,
+        on_bad=on_bad,
+    )
 
 
 def read_fgnet(path: str | Path, *, max_age: float = 120.0, on_bad: OnBad = "error") -> Manifest:
     """An FG-NET folder (``{subject:03d}A{age:02d}[a-z].JPG``); subject = the 3 digits."""
-    return _read_folder("fgnet", Path(path), FGNET_PATTERN, FGNET_EXAMPLE,
-                        lambda m: m["subject"], max_age=max_age, on_bad=on_bad)
+    return _read_folder(
+        "fgnet",
+        Path(path),
+        FGNET_PATTERN,
+        FGNET_EXAMPLE,
+        lambda m: m["subject"],
+        max_age=max_age,
+        on_bad=on_bad,
+    )
 
 
 # ---------------------------------------------------------------------------------- csv
@@ -451,15 +476,16 @@ def _check_header(path: Path, header: list[str], first_line: str) -> dict[str, i
             if first_line.count(delim) > first_line.count(","):
                 raise DataError(
                     f"{path} is separated by {label}, not commas (header: {first_line!r}); "
-                    "save it as comma-separated CSV, e.g. python -c \"import pandas as pd; "
+                    'save it as comma-separated CSV, e.g. python -c "import pandas as pd; '
                     f"pd.read_csv('{path.name}', sep={delim!r}).to_csv('{path.name}', "
-                    "index=False)\""
+                    'index=False)"'
                 )
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         found = ", ".join(repr(h) for h in header) or "none"
         hint = ""
-        if any(re.search(r"\.(jpe?g|png)$", h.strip(), re.I) or h.strip().isdigit()
-               for h in header):
+        if any(
+            re.search(r"\.(jpe?g|png)$", h.strip(), re.I) or h.strip().isdigit() for h in header
+        ):
             hint = "; the first line looks like data: add a header line such as path,age,subject"
         raise DataError(
             f"{path} is missing column(s) {', '.join(missing)}; found columns: {found}. "
@@ -491,8 +517,9 @@ def _parse_box(cells: list[str], where: str, bad: BadRows) -> tuple[float, ...] 
         bad.add(BAD_BOX, where, f"x, y, w, h = {shown} are not all numbers")
         return None
     if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        bad.add(BAD_BOX, where, f"box x={x:g} y={y:g} w={w:g} h={h:g} needs finite values and "
-                "w, h > 0")
+        bad.add(
+            BAD_BOX, where, f"box x={x:g} y={y:g} w={w:g} h={h:g} needs finite values and w, h > 0"
+        )
         return None
     return x, y, w, h
 
@@ -535,8 +562,11 @@ def read_csv(path: str | Path, *, max_age: float = 120.0, on_bad: OnBad = "error
         n_rows += 1
         where = f"{path} line {reader.line_num}"
         if len(row) > len(header):
-            bad.add(MALFORMED_ROW, where,
-                    f"{len(row)} fields but the header has {len(header)}: {','.join(row)!r}")
+            bad.add(
+                MALFORMED_ROW,
+                where,
+                f"{len(row)} fields but the header has {len(header)}: {','.join(row)!r}",
+            )
             continue
         row = row + [""] * (len(header) - len(row))
         rel = row[index["path"]].strip()
