@@ -136,6 +136,11 @@ def test_failed_trial_is_recorded_and_study_goes_on(tmp_path: Path, monkeypatch)
     assert again.counts["FAIL"] == 2 and again.counts["COMPLETE"] == 2
 
 
+def test_one_cell_grid_runs(tmp_path: Path) -> None:
+    cfg = validate(tiny_study(tmp_path, search={"space": {"model.norm": ["batch"]}}))
+    assert run_study(cfg, quiet=True).counts["COMPLETE"] == 1
+
+
 def test_random_plan_is_seeded_replicated_and_in_range(tmp_path: Path) -> None:
     raw = tiny_study(
         tmp_path,

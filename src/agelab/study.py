@@ -106,13 +106,12 @@ def plan_lock(cfg: StudyConfig) -> Iterator[None]:
 
 def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
     sampler: optuna.samplers.BaseSampler
-    space = {k: v for k, v in cfg.search.space.items()}
     if cfg.search.sampler == "tpe":
         sampler = optuna.samplers.TPESampler(seed=cfg.search.sampler_seed)
-    elif cfg.search.sampler == "grid":
-        grid = {k: list(v) for k, v in space.items()} | {SEED_PARAM: list(cfg.search.seeds)}
-        sampler = optuna.samplers.GridSampler(grid, seed=cfg.search.sampler_seed)
     else:
+        # grid and random trials are all enqueued with fixed params (see plan()), so this
+        # sampler never draws. Optuna's GridSampler is not used: under parallel workers it
+        # can repeat cells, and its after_trial raises KeyError on a one-point grid.
         sampler = optuna.samplers.RandomSampler(seed=cfg.search.sampler_seed)
     pruner: optuna.pruners.BasePruner = {
         "none": optuna.pruners.NopPruner(),

@@ -47,7 +47,8 @@ class StoreError(RuntimeError):
 
 def mask_uri(uri: str) -> str:
     """Hide the password of ``scheme://user:password@host`` URIs for logs and tags."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", uri)
+    uri = re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", uri)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", uri, flags=re.I)
 
 
 def default_uri(cfg: TrackingConfig) -> str:
@@ -192,7 +193,7 @@ class Tracker:
         tags: dict[str, Any],
         parent_id: str | None = None,
     ) -> str:
-        tags = {k: str(v) for k, v in tags.items()}
+        tags = {k: mask_uri(str(v)) for k, v in tags.items()}
         tags[TAG_WORKER_HOST] = socket.gethostname()
         tags[TAG_WORKER_PID] = str(os.getpid())
         if parent_id:
@@ -208,7 +209,8 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(_sanitize_key(k), str(v)[:6000]) for k, v in params.items()]
+        # Any URI-shaped value (tracking.uri, tracking.storage, data paths) loses its password.
+        items = [Param(_sanitize_key(k), mask_uri(str(v))[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params a call
             self._call(self.client.log_batch, run_id, params=items[i : i + 100])
 
@@ -228,7 +230,7 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(_sanitize_key(k), str(v)[:5000]) for k, v in tags.items()]
+        items = [RunTag(_sanitize_key(k), mask_uri(str(v))[:5000]) for k, v in tags.items()]
         if items:
             self._call(self.client.log_batch, run_id, tags=items)
 
