@@ -103,3 +103,52 @@ def test_inspect_real_sample(faces_sample: Path, capsys) -> None:
 def test_ui_refuses_public_bind_without_expose(capsys) -> None:
     assert main(["ui", "--host", "0.0.0.0"]) == 2
     assert "--expose" in capsys.readouterr().err
+
+
+def test_dashboard_serves_the_study_storage(tmp_path: Path) -> None:
+    """optuna-dashboard over agelab's journal storage answers on loopback."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import optuna
+
+    from agelab.study import open_storage
+
+    journal = tmp_path / "journal.log"
+    optuna.create_study(storage=open_storage(f"journal:{journal}"), study_name="dash")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agelab.cli",
+            "dashboard",
+            "--port",
+            str(port),
+            "--storage",
+            f"journal:{journal}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    body = json.load(r)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        assert [s["study_name"] for s in body["study_summaries"]] == ["dash"]
+    finally:
+        proc.kill()
+        proc.wait()
