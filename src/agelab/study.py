@@ -212,7 +212,7 @@ def is_stale(trial: optuna.trial.FrozenTrial, now: float | None = None) -> bool:
     return now - beat > STALE_AFTER_S
 
 
-def recover(study: optuna.Study, tracker: Tracker, cfg: StudyConfig) -> int:
+def recover(study: optuna.Study, tracker: Tracker) -> int:
     """Fail trials whose worker died, close their runs, re-queue their cells."""
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -327,14 +327,7 @@ class Worker:
         ]
         if len(started) >= int(self.cfg.search.n_trials or 0):
             return None
-        trial = self.study.ask(
-            distributions(self.cfg)
-            | {
-                SEED_PARAM: optuna.distributions.CategoricalDistribution(
-                    list(self.cfg.search.seeds)
-                )
-            }
-        )
+        trial = self.study.ask(distributions(self.cfg))
         return trial
 
     def loop(self, max_trials: int | None = None, on_done=None) -> list[TrialOutcome]:
@@ -544,7 +537,7 @@ def run_study(
         print(f"warning: {total} trials planned (search.warn_cells = {cfg.search.warn_cells})")
     if not join:
         with plan_lock(cfg):
-            recovered = recover(study, tracker, cfg)
+            recovered = recover(study, tracker)
             added = plan(study, cfg)
         if recovered:
             print(f"recovered {recovered} trial(s) left running by a dead worker; re-queued")
@@ -591,7 +584,7 @@ def run_study(
         if workers <= 1:
             _run_inline(cfg, parent, n_trials, quiet, total)
         else:
-            _run_processes(cfg, parent, workers, n_trials, quiet, total)
+            _run_processes(cfg, parent, workers, n_trials)
     except KeyboardInterrupt:
         status = KILLED
         print("\nstopped: the study is resumable — run the same command again to continue")
@@ -637,9 +630,7 @@ def _run_inline(
         worker.loop(n_trials, on_done=lambda o: bar.update(1))
 
 
-def _run_processes(
-    cfg: StudyConfig, parent: str, workers: int, n_trials: int | None, quiet: bool, total: int
-) -> None:
+def _run_processes(cfg: StudyConfig, parent: str, workers: int, n_trials: int | None) -> None:
     """N worker processes on this machine; Ctrl-C reaches them all (same process group)."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
@@ -652,8 +643,6 @@ def _run_processes(
             cmd = [sys.executable, "-m", "agelab.study", cfg_path, parent, f"w{i}"]
             if n_trials is not None:
                 cmd.append(str(max(1, math.ceil(n_trials / workers))))
-            if quiet:
-                cmd.append("--quiet")
             procs.append(subprocess.Popen(cmd, env=env))
         rcs = [p.wait() for p in procs]
         if any(rcs):
@@ -704,17 +693,15 @@ def serve_dashboard(*, host: str, port: int, root: Path, storage: str | None, ex
 
 def _worker_main(argv: list[str]) -> int:
     """Entry of a worker process started by :func:`_run_processes`."""
-    quiet = "--quiet" in argv
-    args = [a for a in argv if a != "--quiet"]
+    args = argv
     cfg_path, parent, tag = args[0], args[1], args[2]
     max_trials = int(args[3]) if len(args) > 3 else None
     cfg = StudyConfig.model_validate_json(Path(cfg_path).read_text())
     threads = int(os.environ.get("AGELAB_WORKER_THREADS", "0"))
     if threads and cfg.train.threads is None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": threads})})
-    # Per-epoch bars of parallel workers would garble each other: workers print one line
-    # per trial; the launcher shows the overall bar.
-    del quiet
+    # Per-epoch bars of parallel workers would garble each other: each worker prints one
+    # line per trial instead (prefixed with its tag).
     worker = Worker(cfg, parent, quiet=True, tag=f"[{tag}] ")
     try:
         worker.loop(max_trials)
