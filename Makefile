@@ -36,8 +36,8 @@ sysdeps: ## install Debian packages the full test run uses (postgresql, chromium
 demo: install ## run the default study on embedded synthetic faces (~10 min on 2 CPU cores)
 	$(AGELAB) run experiments/demo.yaml $(ARGS)
 
-test: install sysdeps ## the whole test suite (slow, PostgreSQL and browser tests included)
-	$(PYTEST) -m "not gpu" $(ARGS)
+test: install sysdeps ## the whole suite: slow, PostgreSQL, browser; GPU tests skip with a reason without CUDA
+	$(PYTEST) $(ARGS)
 
 test-fast: install ## quick tests only (no slow, PostgreSQL or browser tests)
 	$(PYTEST) -m "not slow and not postgres and not browser and not gpu" $(ARGS)
