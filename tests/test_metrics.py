@@ -564,23 +564,3 @@ def test_evaluate_property(data, with_calib):
             assert name in d.notes, name
     assert d.verdict in M.VERDICT_CODES
     assert d.cs_curve["observed"].is_monotonic_increasing
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    arrays=st.integers(min_value=0, max_value=8).flatmap(
-        lambda n: st.tuples(
-            hnp.arrays(np.float64, n, elements=st.floats(allow_subnormal=True)),
-            hnp.arrays(np.float64, st.integers(0, 8), elements=st.floats()),
-        )
-    )
-)
-def test_evaluate_only_raises_value_error(arrays):
-    """Arbitrary (also non-finite, huge, mismatched) input: a result or a documented ValueError."""
-    t, p = arrays
-    try:
-        d = evaluate(t, p)
-    except ValueError as exc:
-        assert re.search(r"empty|mismatch|too few|non-finite|beyond", str(exc)), str(exc)
-    else:
-        assert all(type(v) is float for v in d.scalars.values())

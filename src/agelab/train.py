@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agelab.faults import kill_point
 from agelab.losses import AgeLoss, make_loss
 from agelab.models import AgeRegressor, rebuild_model
 
@@ -337,6 +338,7 @@ def _fit(
             dynamic_ncols=True,
         )
         for step in range(steps):
+            kill_point("train.step")
             idx = order[step * bs : (step + 1) * bs]
             x = images.take(idx).float().div_(255.0)
             if aug is not None:

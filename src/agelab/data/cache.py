@@ -31,6 +31,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 import time
 import warnings
@@ -39,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from agelab.faults import kill_point
 
 #: Bump when the on-disk layout or anything that changes cached contents changes.
 CACHE_FORMAT_VERSION = 1
@@ -93,12 +97,16 @@ def _fsync_dir(folder: Path) -> None:
 
 def _atomic_write(target: Path, write) -> None:
     """Write via ``write(file)`` to a temp file beside ``target``, fsync, then replace."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    # The writer's host and pid are in the name, so a later writer can remove the temp
+    # files of a writer that was killed (they can be as large as the whole dataset).
+    prefix = f".{target.name}.{_HOST}.{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        kill_point("cache.write")
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -106,12 +114,34 @@ def _atomic_write(target: Path, write) -> None:
         raise
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+_TEMP_OWNER = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[a-z0-9_]+\.tmp$")
+
+
+def _pid_dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _clean_stale_temps(folder: Path, max_age_s: float = 24 * 3600) -> None:
-    """Remove temp files a crashed writer left behind (old ones only: others may be live)."""
+    """Remove temp files a crashed writer left behind: those of a dead process on this
+    host, and any older than ``max_age_s`` (others may belong to a live writer)."""
     now = time.time()
     for p in folder.glob(".*.tmp"):
         with contextlib.suppress(OSError):
-            if now - p.stat().st_mtime > max_age_s:
+            owner = _TEMP_OWNER.search(p.name)
+            dead = (
+                owner is not None
+                and owner["host"] == _HOST
+                and int(owner["pid"]) != os.getpid()
+                and _pid_dead(int(owner["pid"]))
+            )
+            if dead or now - p.stat().st_mtime > max_age_s:
                 p.unlink()
 
 
