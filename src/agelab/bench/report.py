@@ -1,0 +1,199 @@
+"""The benchmark table: one row per comparison, with its goal and whether it was met."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PASS, MISS, INFO = "pass", "MISS", "—"
+
+COLUMNS = ("#", "benchmark", "agelab", "baseline", "ratio", "goal", "met")
+
+
+def _ips(s: dict[str, Any]) -> str:
+    """Images/s of repeated runs: median, and the best (the least disturbed) run."""
+    return f"{s['median']:.1f} (best {s['max']:.1f})"
+
+
+def _ratio(best: float, median: float, unit: str = "") -> str:
+    return f"{best:.3g}{unit} (median {median:.3g}{unit})"
+
+
+def _status(ok: bool) -> str:
+    return PASS if ok else MISS
+
+
+def rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """The table rows of a results dict written by :func:`agelab.bench.main`."""
+    out: list[dict[str, str]] = []
+
+    def add(section, benchmark, agelab="", baseline="", ratio="", goal="", met=INFO):
+        out.append(
+            {
+                "#": section,
+                "benchmark": benchmark,
+                "agelab": agelab,
+                "baseline": baseline,
+                "ratio": ratio,
+                "goal": goal,
+                "met": met,
+            }
+        )
+
+    cuda = results["machine"]["device"] == "cuda"
+    for t in results.get("training", []):
+        what = f"{t['backbone']} {t['image_size']}px, batch {t['batch_size']}, {t['n_images']} img"
+        add(
+            "1",
+            f"training img/s, {what}: `fit` vs bare loop",
+            _ips(t["fit_images_per_second"]),
+            _ips(t["bare_images_per_second"]),
+            _ratio(t["ratio_best"], t["ratio"]),
+            "≥ 0.90",
+            _status(t["ratio_best"] >= 0.90),
+        )
+        if "naive_ratio" in t:
+            nv = t["naive"]
+            files = (
+                "files at the training size"
+                if nv["source_size"] == t["image_size"]
+                else f"{nv['source_size']}px files"
+            )
+            add(
+                "1",
+                f"training img/s, {what}: `fit` vs naive pipeline (PIL, {files}, DataLoader "
+                f"{nv['workers']} workers, `.item()` + `mlflow.log_metric` per step)",
+                _ips(t["fit_images_per_second"]),
+                _ips(t["naive_images_per_second"]),
+                _ratio(t["naive_ratio_best"], t["naive_ratio"], "×"),
+                "report (GPU)" if cuda else "≥ 3× (CPU)",
+                INFO if cuda else _status(t["naive_ratio_best"] >= 3.0),
+            )
+    for g in results.get("gpu", []):
+        add(
+            "1",
+            f"GPU {g['variant']}, {g['backbone']} {g['image_size']}px batch {g['batch_size']}: "
+            "`fit` img/s vs bare loop (bf16 + channels_last)",
+            _ips(g["fit_images_per_second"]),
+            _ips(g["bare_images_per_second"]),
+            _ratio(g["fraction_of_bare_best"], g["fraction_of_bare"]),
+            "report",
+        )
+    tr = results.get("tracking")
+    if tr:
+        a, c = tr["agelab"], tr["mlflow_callback"]
+        add(
+            "2",
+            f"MLflow share of a trial's wall time (one trial: {tr['config']}): agelab vs "
+            "optuna-integration `MLflowCallback`",
+            f"{a['share']:.2%} ({a['mlflow_seconds']:.2f} s in {a['mlflow_calls']} calls "
+            f"of {a['trial_seconds']:.1f} s)",
+            f"{c['share']:.2%} ({c['mlflow_seconds']:.2f} s of {c['trial_seconds']:.1f} s)",
+            "",
+            "≤ 2 %",
+            _status(a["share"] <= 0.02),
+        )
+        ra, rc = a["records"], c["records"]
+        fmt = "{params} params, {metric_keys} metrics ({metric_values} values), {tags} tags, {artifacts} artifacts"  # noqa: E501
+        add(
+            "2",
+            "what that trial records in MLflow",
+            fmt.format(**ra),
+            fmt.format(**rc),
+        )
+    syn = results.get("synthetic")
+    if syn:
+        add(
+            "3",
+            f"synthetic faces, {syn['n']:,} at {syn['size']}px (img/s)",
+            f"{syn['images_per_second']:.0f}",
+        )
+    ca = results.get("cache")
+    if ca:
+        n = ca["n"]
+        goal_s = 1.0 * n / 10_000
+        add("3", f"cache build, {n:,} images at {ca['size']}px (s)", f"{ca['build_s']:.2f}")
+        add(
+            "3",
+            f"dataset load, {n:,} images at {ca['size']}px (s): from the cache vs decoding "
+            "the same JPEG files (every epoch, without a cache)",
+            f"{ca['dataset_reload_s']:.2f} (cache entry alone {ca['reload_s']:.2f})",
+            f"{ca['decode_jpeg_s']:.2f}",
+            f"{ca['decode_jpeg_s'] / max(ca['dataset_reload_s'], 1e-9):.0f}× faster",
+            "< 1 s per 10,000" + ("" if n == 10_000 else f" (< {goal_s:.2g} s here)"),
+            _status(ca["dataset_reload_s"] < goal_s),
+        )
+    th = results.get("study_throughput")
+    if th and len(th["runs"]) > 1:
+        one, many = th["runs"][0], th["runs"][-1]
+        add(
+            "4",
+            f"study throughput, trials/hour ({th['config']}): {many['workers']} workers vs "
+            f"{one['workers']}; whole `run_study` call (trials only, without start-up)",
+            f"{many['trials_per_hour']:.0f} in {many['seconds']:.1f} s "
+            f"({many['steady_trials_per_hour']:.0f})",
+            f"{one['trials_per_hour']:.0f} in {one['seconds']:.1f} s "
+            f"({one['steady_trials_per_hour']:.0f})",
+            f"{th['scaling']:.2f}× ({th['steady_scaling']:.2f}×) scaling",
+            "report",
+        )
+    me = results.get("memory")
+    if me:
+        add(
+            "5",
+            f"peak RSS over {me['trials']} consecutive trials in one worker (MB, after the "
+            f"last vs after the first; {me['config']})",
+            f"{me['peak_rss_mb_last']:.0f}",
+            f"{me['peak_rss_mb_first']:.0f}",
+            f"{me['growth']:+.1%} growth ({me['growth_second_half']:+.1%} after trial "
+            f"{me['half_trial']}; peak last rose at trial {me['last_peak_increase_trial']})",
+            "≤ 5 %",
+            _status(me["growth"] <= 0.05),
+        )
+        if "cuda_growth" in me:
+            add(
+                "5",
+                "CUDA max allocated over the same trials (MB, last vs first)",
+                f"{me['cuda_max_allocated_mb_last']:.0f}",
+                f"{me['cuda_max_allocated_mb_first']:.0f}",
+                f"{me['cuda_growth']:+.1%} growth",
+                "≤ 5 %",
+                _status(me["cuda_growth"] <= 0.05),
+            )
+    return out
+
+
+def header(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    device = m["gpu"] or "CPU only (no GPU)"
+    load = results.get("load_average", {})
+    load_txt = ""
+    if load.get("start") and load.get("end"):
+        load_txt = (
+            f"; load average (1/5/15 min) {'/'.join(map(str, load['start']))} at the start, "
+            f"{'/'.join(map(str, load['end']))} at the end"
+        )
+    others = results.get("others_load_cores")
+    if others is not None:
+        load_txt += f"; other processes kept {others:.1f} of {m['cpu_count']} cores busy on average"
+    parts = results.get("section_seconds") or {}
+    sections = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in parts.items())
+    return (
+        f"Measured {results['date']} by `{results['command']}` in {results['seconds'] / 60:.1f} "
+        f"min ({sections}) "
+        f"on {m['cpu']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), device "
+        f"{device}, {m['torch_threads']} torch threads, torch {m['torch']}{load_txt}. "
+        f"Reproduce: `make {'bench-quick' if results['quick'] else 'bench'}`."
+    )
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [header(results), ""]
+    lines.append("| " + " | ".join(COLUMNS) + " |")
+    lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+    for row in results["table"]:
+        lines.append("| " + " | ".join(row[c].replace("|", "\\|") for c in COLUMNS) + " |")
+    notes = results.get("notes") or []
+    if notes:
+        lines.append("")
+        lines.extend(f"- {n}" for n in notes)
+    return "\n".join(lines) + "\n"
