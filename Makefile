@@ -18,7 +18,7 @@ PYTEST   := $(BIN)/python -m pytest
 
 .DEFAULT_GOAL := help
 .PHONY: help install sysdeps demo test test-fast test-gpu lint study grid random workers \
-        ui dashboard bench bench-quick preview clean
+        report ui dashboard bench bench-quick preview clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -61,16 +61,19 @@ random: install ## random search over choices and numeric hyper-parameters
 workers: install ## N local worker processes on one study: make workers N=4 STUDY=...
 	$(AGELAB) run $(STUDY) --workers $(N) $(DATA_ARG) $(ARGS)
 
+report: install ## ablation report (verdict, CIs, tests): make report STUDY=experiments/x.yaml | NAME
+	$(AGELAB) report $(STUDY) $(ARGS)
+
 ui: install ## MLflow UI on http://$(HOST):$(PORT) (loopback only unless HOST is set)
 	$(AGELAB) ui --host $(HOST) --port $(PORT) $(ARGS)
 
 dashboard: install ## optuna-dashboard on http://$(HOST):$(DASH_PORT)
 	$(AGELAB) dashboard --host $(HOST) --port $(DASH_PORT) $(ARGS)
 
-bench: install ## full benchmarks (writes bench/results.json and bench/results.md)
+bench: install ## all benchmarks, full size, -> bench/results.json + .md (~20 min on 2 CPU cores)
 	$(AGELAB) bench $(ARGS)
 
-bench-quick: install ## quick benchmarks (about 2 minutes on 2 CPU cores)
+bench-quick: install ## the same comparisons at small sizes (< 2 min on 2 idle CPU cores)
 	$(AGELAB) bench --quick $(ARGS)
 
 preview: install ## contact sheet of synthetic faces -> docs/img/synthetic_preview.png

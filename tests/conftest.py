@@ -28,6 +28,19 @@ def one_torch_thread():
 
 
 @pytest.fixture
+def chromium() -> str:
+    from browser import find_chromium
+
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip(
+            "Chromium not found (chromium on PATH or /usr/bin/chromium): install the Debian "
+            "package `chromium` (`make sysdeps` does it as root)"
+        )
+    return exe
+
+
+@pytest.fixture
 def faces_sample() -> Path:
     if not (FACES_SAMPLE / "labels.csv").is_file():
         pytest.skip(f"real face sample not found at {FACES_SAMPLE} (it lives beside the repo)")
@@ -66,6 +79,8 @@ def tiny_study(root: Path, name: str = "t", **sections) -> dict:
             "space": {"model.norm": ["batch", "none"], "model.act": ["relu", "tanh"]},
         },
         "tracking": {"root": str(root / "mlruns"), "log_figures": False},
+        # The report is written at the end of every study (figures: tests/test_report.py).
+        "report": {"figures": False},
     }
     for section, values in sections.items():
         if isinstance(values, dict) and isinstance(raw.get(section), dict):

@@ -25,7 +25,7 @@ from agelab.study import (
     run_study,
     storage_url,
 )
-from agelab.tracking import StoreError, Tracker, default_uri
+from agelab.tracking import default_uri
 from conftest import REPO, tiny_study
 
 
@@ -81,7 +81,7 @@ def test_smoke_study_records_everything(tmp_path: Path) -> None:
             "train_loss",
         ):
             assert key in m, key
-        assert m["calib_mae"] == pytest.approx(trial.value)
+        assert m["best_calib_mae"] == pytest.approx(trial.value)
         assert run.data.params["model.norm"] == trial.params["model.norm"]
         assert "census.requested.norm" in run.data.tags or any(
             k.startswith("census.") for k in run.data.tags
@@ -177,23 +177,6 @@ def test_tpe_study_runs_adaptively(tmp_path: Path) -> None:
     )
     summary = run_study(cfg, quiet=True)
     assert summary.counts["COMPLETE"] == 2
-
-
-def test_unwritable_store_fails_before_training(tmp_path: Path) -> None:
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where the store folder should be")
-    cfg = validate(tiny_study(tmp_path, tracking={"root": str(blocker / "mlruns")}))
-    with pytest.raises(StoreError, match="cannot write to the tracking folder"):
-        run_study(cfg, quiet=True)
-
-
-def test_unreachable_server_fails_fast_with_uri(tmp_path: Path) -> None:
-    cfg = validate(tiny_study(tmp_path, tracking={"uri": "http://user:secret@127.0.0.1:9"}))
-    t0 = time.time()
-    with pytest.raises(StoreError) as info:
-        Tracker(cfg.tracking, "x")
-    assert time.time() - t0 < 15
-    assert "127.0.0.1:9" in str(info.value) and "secret" not in str(info.value)
 
 
 @pytest.mark.slow

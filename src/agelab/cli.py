@@ -1,4 +1,4 @@
-"""The one command-line entry: ``agelab run|data|ui|dashboard|bench|config``.
+"""The one command-line entry: ``agelab run|report|data|ui|dashboard|bench|config``.
 
 Heavy imports (torch, timm, mlflow, optuna) happen inside the command that needs them, so
 ``agelab --help`` answers at once. Errors a user can fix (bad config, bad data) print one
@@ -46,12 +46,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from agelab.config import apply_overrides, validate
+    from agelab.report import report_for_config
+
+    if Path(args.study).suffix in (".yaml", ".yml", ".json") or Path(args.study).is_file():
+        cfg = _load(args.study, args.overrides)
+    else:  # a study name in the store under --root (or $MLFLOW_TRACKING_URI)
+        raw = {"name": args.study, "tracking": {"root": args.root}}
+        cfg = validate(apply_overrides(raw, args.overrides), f"study {args.study!r}")
+    result = report_for_config(cfg, out_dir=Path(args.out) if args.out else None, log=args.log)
+    print(f"Ablation report for study {cfg.name!r}\n\nVerdict:")
+    for sentence in result.analysis.verdict:
+        print(f"  - {sentence}")
+    print(f"\nwrote {result.markdown} and {result.html}")
+    if args.log and result.parent_run_id:
+        print(f"logged under report/ on parent run {result.parent_run_id}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
     cfg = _load(args.study, args.overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     print(f"# valid; {cfg.search.n_total()} trial(s) planned", file=sys.stderr)
+    if cfg.search.n_total() > cfg.search.warn_cells:
+        import torch
+
+        from agelab.config import estimate_trial_seconds, size_warning
+
+        gpu = cfg.train.device != "cpu" and torch.cuda.is_available()
+        print(size_warning(cfg, *estimate_trial_seconds(cfg, gpu=gpu)), file=sys.stderr)
     return 0
 
 
@@ -145,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser(
+        "report", help="ablation report of a study: effects, intervals, tests, verdict"
+    )
+    p.add_argument("study", help="study file (experiments/demo.yaml) or a study name")
+    p.add_argument("--root", default="mlruns", help="store folder when STUDY is a name")
+    p.add_argument("--out", default=None, help="folder (default: <root>/reports/<study>)")
+    p.add_argument(
+        "--no-log",
+        dest="log",
+        action="store_false",
+        help="do not log the report on the study's parent run",
+    )
+    _add_overrides(p)
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("config", help="validate a study file and print the resolved config")
     p.add_argument("study")
     _add_overrides(p)
@@ -219,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nagelab: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # user-fixable data problems carry their own type
-        if type(exc).__name__ in ("DataError", "ModelError", "StoreError"):
+        if type(exc).__name__ in ("DataError", "ModelError", "StoreError", "ReportError"):
             print(f"agelab: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
         raise

@@ -17,6 +17,7 @@ import itertools
 import math
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -309,6 +310,13 @@ class MetricsConfig(Strict):
         return v
 
 
+class ReportConfig(Strict):
+    auto: bool = Field(True, description="write the ablation report when a study invocation ends")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="family-wise error rate (Holm)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of every interval")
+    figures: bool = Field(True, description="embed figures (CS curves need log_figures runs)")
+
+
 # -------------------------------------------------------------------------------- study
 
 
@@ -321,6 +329,7 @@ class StudyConfig(Strict):
     search: SearchConfig = SearchConfig()
     tracking: TrackingConfig = TrackingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _space_values_valid(self) -> StudyConfig:
@@ -351,6 +360,67 @@ class StudyConfig(Strict):
         for key, value in params.items():
             _set_path(raw, key, value)
         return StudyConfig.model_validate(raw)
+
+
+# ------------------------------------------------------------------------ study size
+
+#: Rough training speeds (images/s at 64 px, resnet10t-sized nets) behind the time estimate
+#: of a big study: the CPU figure is this project's 2-core benchmark (README, Performance);
+#: `agelab bench` measures your machine. Other sizes scale with the pixel count.
+CPU_IMAGES_PER_S = 80.0
+GPU_IMAGES_PER_S = 8000.0
+TRIAL_OVERHEAD_S = 5.0  # build, final evaluation, diagnostics, logging
+ASSUMED_REAL_IMAGES = 10_000
+
+
+def estimate_trial_seconds(
+    cfg: StudyConfig, *, gpu: bool = False, n_images: int | None = None
+) -> tuple[float, str]:
+    """(seconds per trial, how that was estimated) before anything has run."""
+    assumed = n_images is None and cfg.data.source != "synthetic"
+    if n_images is None:
+        n_images = cfg.data.synthetic.n_images if not assumed else ASSUMED_REAL_IMAGES
+    rate = (GPU_IMAGES_PER_S if gpu else CPU_IMAGES_PER_S) * (64 / cfg.data.image_size) ** 2
+    split = cfg.data.split
+    # Per epoch: the train split forward+backward, the calib split forward (~1/3 the cost).
+    seen = n_images * (split.train + split.calib / 3) * cfg.train.epochs
+    basis = (
+        f"rough estimate: ~{rate:,.0f} training images/s on {'a GPU' if gpu else 'CPU'} at "
+        f"{cfg.data.image_size} px, {n_images:,} images{' (assumed)' if assumed else ''}, "
+        f"{cfg.train.epochs} epochs; `agelab bench` measures this machine"
+    )
+    return seen / rate + TRIAL_OVERHEAD_S, basis
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def size_warning(cfg: StudyConfig, seconds_per_trial: float, basis: str) -> str | None:
+    """The warning for a study with more trials than ``search.warn_cells`` (else None):
+    the trial and cell counts, and how long that would take."""
+    search = cfg.search
+    total = search.n_total()
+    if total <= search.warn_cells:
+        return None
+    shape = (
+        f"{total // len(search.seeds):,} cells × {len(search.seeds)} seed(s)"
+        if search.sampler == "grid"
+        else f"search.n_trials = {total:,}"
+    )
+    return (
+        f"warning: {total:,} trials planned ({shape}), more than search.warn_cells = "
+        f"{search.warn_cells:,}: about {format_duration(total * seconds_per_trial)} with one "
+        f"worker at ~{format_duration(seconds_per_trial)} per trial ({basis}). Shrink "
+        "search.space or search.seeds, spread it over workers (--workers N, or --join on "
+        "more machines), or raise search.warn_cells to silence this."
+    )
 
 
 # ------------------------------------------------------------------------------ loading
@@ -414,7 +484,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 value
             )
         else:
-            _set_path(raw, key, value)
+            try:
+                _set_path(raw, key, value)
+            except ValueError as exc:  # train.epochs.x=1: a value is not a section
+                raise ConfigError("(command line)", [f"{text!r}: {exc}"]) from None
     return raw
 
 
@@ -441,9 +514,36 @@ def _format_errors(exc: ValidationError) -> list[str]:
         elif err["type"] == "missing":
             msg = "required field is missing"
         elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
-            msg = f"{msg} (got {err['input']!r})"
+            msg = f"{msg} (got {_SHORT.repr(err['input'])})"
         problems.append(f"{path}: {msg}")
     return problems
+
+
+#: Values in a study config, counted as YAML aliases expand: a few hundred in practice. A
+#: "billion laughs" file (aliases of aliases) stops here instead of hanging the validator.
+MAX_CONFIG_VALUES = 100_000
+
+_SHORT = reprlib.Repr()  # error messages quote bad inputs, never megabytes of them
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
+def _check_size(raw: Any, source: str) -> None:
+    budget, stack = MAX_CONFIG_VALUES, [raw]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(
+                source,
+                [
+                    f"the config holds more than {MAX_CONFIG_VALUES:,} values (YAML aliases "
+                    "repeating anchors, or a self-referencing one?); write the values out"
+                ],
+            )
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def validate(raw: Any, source: str = "(config)") -> StudyConfig:
@@ -451,10 +551,31 @@ def validate(raw: Any, source: str = "(config)") -> StudyConfig:
         raise ConfigError(
             source, [f"top level must be a mapping of sections, got {type(raw).__name__}"]
         )
+    _check_size(raw, source)
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(source, _format_errors(exc)) from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    def at(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:
+        return (
+            f"YAML tag not allowed{' at ' + at(mark) if mark else ''}: {problem}; study files "
+            "are loaded safely (plain values, lists and mappings only): remove the !tag"
+        )
+    where = f" at {at(mark)}" if mark else ""
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    started = f" ({context} started at {at(context_mark)})" if context and context_mark else ""
+    return (
+        f"malformed YAML{where}: {problem}{started}; fix the syntax there (indent with "
+        "spaces, not tabs; close brackets and quotes)"
+    )
 
 
 def load_raw(path: str | Path) -> dict:
@@ -468,10 +589,7 @@ def load_raw(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(str(path), [f"malformed YAML{where}: {problem}"]) from None
+        raise ConfigError(str(path), [_yaml_problem(exc)]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), [f"not UTF-8 text: {exc}"]) from None
     if raw is None:

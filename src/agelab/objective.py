@@ -8,6 +8,7 @@ trial's params applied and the replicate seed in ``train.seed``. Selection uses 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +32,29 @@ class TrialFailed(RuntimeError):
 class TrialResult:
     value: float  # calib MAE, what the optimiser minimises
     metrics: dict[str, float]  # test metrics (stable names, see agelab.metrics.METRIC_DOCS)
+
+
+_OOM_PATTERNS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM (``torch.OutOfMemoryError``), Python's ``MemoryError``, or the CPU
+    allocator's plain ``RuntimeError("... DefaultCPUAllocator: can't allocate memory ...")``."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(p in text for p in _OOM_PATTERNS)
+
+
+def out_of_memory_reason(exc: BaseException, cfg: StudyConfig) -> str:
+    """``out of memory: <what failed>; <what to try>`` for the trial's fail reason."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    detail = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", detail)
+    return (
+        f"out of memory: {detail[:300]} (batch {cfg.train.batch_size}, "
+        f"{cfg.data.image_size} px, {cfg.model.backbone}); lower train.batch_size or "
+        "data.image_size, use a smaller backbone, or run fewer workers at once"
+    )
 
 
 def first_conv_weight(model: torch.nn.Module) -> np.ndarray | None:
@@ -68,15 +92,17 @@ def evaluate_trial(
     train_cfg = cfg.train.model_copy(update={"progress": cfg.train.progress and not quiet})
     try:
         result = fit(model, data, train_cfg, callbacks=[on_epoch])
+        fit_seconds = time.time() - t0
+        device = result.device
+        pred = predict(model, data.images, batch_size=cfg.train.eval_batch_size, device=device)
     except TrainingDiverged as exc:
         raise TrialFailed(f"diverged: {exc}") from exc
-    except torch.OutOfMemoryError as exc:
-        raise TrialFailed(f"out of memory: {exc}") from exc
-    fit_seconds = time.time() - t0
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise TrialFailed(out_of_memory_reason(exc, cfg)) from exc
 
     calib_idx, test_idx = data.indices("calib"), data.indices("test")
-    device = result.device
-    pred = predict(model, data.images, batch_size=cfg.train.eval_batch_size, device=device)
     y, p = data.ages.astype(np.float64), pred.astype(np.float64)
     diag = M.evaluate(
         y[test_idx],
@@ -92,6 +118,9 @@ def evaluate_trial(
     final = dict(diag.scalars)
     final |= {
         "calib_mae": calib_mae,
+        # The objective under its own name: MLflow's "latest" calib_mae is the last epoch's
+        # (highest step), not this one from the restored best weights.
+        "best_calib_mae": calib_mae,
         "fit_seconds": fit_seconds,
         "best_epoch": float(result.best_epoch),
         "train_images_per_second": float(result.images_per_second),

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from agelab.config import Range, StudyConfig, flatten
+from agelab.config import Range, StudyConfig, estimate_trial_seconds, flatten, size_warning
+from agelab.faults import kill_point
 from agelab.tracking import (
     FAILED,
     FINISHED,
@@ -55,7 +57,9 @@ from agelab.tracking import (
     TAG_WORKER_PID,
     Tracker,
     bind_allowed,
+    check_database,
     git_commit,
+    is_database_uri,
     mask_uri,
 )
 
@@ -87,6 +91,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
         return optuna.storages.JournalStorage(backend)
     # RDB (PostgreSQL, MySQL, SQLite): pool_pre_ping survives server restarts.
+    if is_database_uri(url):
+        check_database(url, "Optuna storage")  # fast, clear failure instead of a traceback
     return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
 
 
@@ -137,8 +143,16 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna
 
 
 def distributions(cfg: StudyConfig) -> dict[str, optuna.distributions.BaseDistribution]:
+    out = space_distributions(cfg.search.space)
+    out[SEED_PARAM] = optuna.distributions.CategoricalDistribution(list(cfg.search.seeds))
+    return out
+
+
+def space_distributions(
+    space: dict[str, list[Any] | Range],
+) -> dict[str, optuna.distributions.BaseDistribution]:
     out: dict[str, optuna.distributions.BaseDistribution] = {}
-    for key, choices in cfg.search.space.items():
+    for key, choices in space.items():
         if isinstance(choices, Range):
             if choices.int:
                 out[key] = optuna.distributions.IntDistribution(
@@ -150,8 +164,52 @@ def distributions(cfg: StudyConfig) -> dict[str, optuna.distributions.BaseDistri
                 )
         else:
             out[key] = optuna.distributions.CategoricalDistribution(choices)
-    out[SEED_PARAM] = optuna.distributions.CategoricalDistribution(list(cfg.search.seeds))
     return out
+
+
+def param_importances(
+    space: dict[str, Any], params: list[dict[str, Any]], values: list[float], seed: int = 0
+) -> dict[str, float] | None:
+    """fANOVA importances of the searched parameters for ``values`` (e.g. test MAE).
+
+    Built on an in-memory Optuna study of the completed trials, so any response (not only
+    the objective the study optimised) can be explained. None when there are too few trials
+    or nothing varies.
+    """
+    dists = space_distributions(
+        {k: Range.model_validate(v) if isinstance(v, dict) else v for k, v in space.items()}
+    )
+    study = optuna.create_study()
+    for p, v in zip(params, values, strict=True):
+        if not math.isfinite(v):
+            continue
+        with contextlib.suppress(ValueError):  # a value outside the space: skip the row
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params={k: _coerce(d, p[k]) for k, d in dists.items()},
+                    distributions=dists,
+                    value=v,
+                )
+            )
+    if len(study.trials) < 3:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed)
+            )
+    except (RuntimeError, ValueError):
+        return None
+    return {k: float(v) for k, v in result.items()}
+
+
+def _coerce(dist: optuna.distributions.BaseDistribution, value: Any) -> Any:
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return round(float(value))
+    if isinstance(dist, optuna.distributions.FloatDistribution):
+        return float(value)
+    return value
 
 
 def cell_id(params: dict[str, Any]) -> str:
@@ -240,6 +298,8 @@ def recover(study: optuna.Study, tracker: Tracker) -> int:
             continue
         trial_no = tags.get(TAG_TRIAL)
         done = trial_no is not None and int(trial_no) in complete
+        if done:  # killed between Optuna's tell and closing the run
+            tracker.set_tags(run.info.run_id, {TAG_STATE: "COMPLETE"})
         tracker.end_run(run.info.run_id, FINISHED if done else KILLED)
     return n
 
@@ -439,7 +499,9 @@ class Worker:
             return self._report(
                 TrialOutcome(trial.number, "FAIL", None, time.time() - t0, label, reason=reason)
             )
+        kill_point("study.tell.before")
         self.study.tell(trial, result.value)
+        kill_point("study.tell.after")
         self.tracker.set_tags(run_id, {TAG_STATE: "COMPLETE"})
         self.tracker.end_run(run_id, FINISHED)
         return self._report(
@@ -510,6 +572,21 @@ def _device_name(cfg: StudyConfig) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def seconds_per_trial(cfg: StudyConfig, study: optuna.Study) -> tuple[float, str]:
+    """Mean duration of this study's completed trials, else a rough estimate."""
+    done = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.datetime_start and t.datetime_complete
+    ]
+    if done:
+        return sum(done) / len(done), f"measured over the {len(done)} trial(s) done so far"
+    import torch
+
+    gpu = cfg.train.device != "cpu" and torch.cuda.is_available()
+    return estimate_trial_seconds(cfg, gpu=gpu)
+
+
 def counts(study: optuna.Study) -> dict[str, int]:
     out = {s.name: 0 for s in TrialState}
     for t in study.get_trials(deepcopy=False):
@@ -534,7 +611,7 @@ def run_study(
     study = open_study(cfg, open_storage(url))
     total = cfg.search.n_total()
     if total > cfg.search.warn_cells:
-        print(f"warning: {total} trials planned (search.warn_cells = {cfg.search.warn_cells})")
+        print(size_warning(cfg, *seconds_per_trial(cfg, study)))
     if not join:
         with plan_lock(cfg):
             recovered = recover(study, tracker)
@@ -603,7 +680,26 @@ def run_study(
         best = min(done, key=lambda t: t.value)
         summary.best = {"number": best.number, "calib_mae": best.value, "params": best.params}
     _print_summary(cfg, summary, tracker, time.time() - t0)
+    if cfg.report.auto and final["COMPLETE"]:
+        _auto_report(cfg)
     return summary
+
+
+def _auto_report(cfg: StudyConfig) -> None:
+    """The ablation report of the study so far; a failure here never fails the study."""
+    from agelab.report import report_for_config
+
+    try:
+        result = report_for_config(cfg)
+    except Exception as exc:
+        print(
+            f"warning: the ablation report failed ({type(exc).__name__}: {exc}); the runs are "
+            f"safe — retry with: agelab report <study file> (study {cfg.name!r})"
+        )
+        return
+    print(f"\nVerdict ({result.html}):")
+    for sentence in result.analysis.verdict:
+        print(f"  - {sentence}")
 
 
 def _run_inline(

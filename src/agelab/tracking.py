@@ -12,6 +12,8 @@ MLflow tracking URI (a tracking server, PostgreSQL) comes from the config or
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
 import re
@@ -20,11 +22,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from agelab.config import TrackingConfig
+from agelab.faults import kill_point
 
 T = TypeVar("T")
 
@@ -45,10 +48,39 @@ class StoreError(RuntimeError):
     """The tracking store cannot be used (unreachable server, unwritable folder)."""
 
 
+_URI_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+# user:password@ up to the *last* "@" of the URI: a password may hold "/", ":" or "@"
+# unencoded (SQLAlchemy reads "postgresql://u:pa/ss@host/db" as password "pa/ss").
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):.*@", re.S)
+# In http(s) URIs a "/" in the password must be encoded, so the user part ends there.
+_USERINFO_HTTP = re.compile(r"^(https?://[^:/@\s]*):[^/?#\s]*@", re.I)
+
+
+def _mask_token(uri: str) -> str:
+    pattern = _USERINFO_HTTP if uri[:5].lower() in ("http:", "https") else _USERINFO
+    return pattern.sub(r"\1:***@", uri, count=1)
+
+
 def mask_uri(uri: str) -> str:
-    """Hide the password of ``scheme://user:password@host`` URIs for logs and tags."""
-    uri = re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", uri)
-    return re.sub(r"([?&]password=)[^&]*", r"\1***", uri, flags=re.I)
+    """Hide the password of ``scheme://user:password@host`` URIs for logs and tags (also
+    URIs inside a longer text, and ``?password=`` query parameters)."""
+    uri = _URI_TOKEN.sub(lambda m: _mask_token(m.group(0)), uri)
+    return re.sub(r"([?&]password=)[^&\s]*", r"\1***", uri, flags=re.I)
+
+
+def mask_home(text: str) -> str:
+    """``/home/ana/data`` → ``~/data``: no absolute home paths in params and tags."""
+    home = os.path.expanduser("~").rstrip("/")
+    if len(home) < 2:  # no home, or "/": nothing sensible to replace
+        return text
+    # Not inside another path ("/x/home/ana"), but after "sqlite:///" or "file://".
+    before = r"(?<![\w.~-])(?<![^/]/)"
+    return re.sub(before + re.escape(home) + r"(?=/|$|[^\w.-])", "~", text)
+
+
+def _scrub(value: Any) -> str:
+    """What agelab records as a param or tag value: passwords masked, home paths as ~."""
+    return mask_home(mask_uri(str(value)))
 
 
 def default_uri(cfg: TrackingConfig) -> str:
@@ -84,6 +116,85 @@ def probe_writable(folder: Path) -> None:
             "Free some space or fix its permissions, or point tracking.root / "
             "MLFLOW_TRACKING_URI elsewhere."
         ) from None
+
+
+@contextlib.contextmanager
+def _sqlite_create_lock(uri: str) -> Iterator[None]:
+    """An exclusive file lock beside a SQLite store's file (no-op for other stores)."""
+    db = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+    if db is None or not db.parent.is_dir():
+        yield
+        return
+    try:
+        fh = open(db.parent / f".{db.name}.lock", "a")  # noqa: SIM115 (closed below)
+    except OSError:  # read-only folder: nothing can be created there anyway
+        yield
+        return
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
+DB_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
+
+
+def is_database_uri(uri: str) -> bool:
+    """A SQLAlchemy URI of a database server (not SQLite, files or HTTP)."""
+    return uri.split("://", 1)[0].split("+", 1)[0].lower() in DB_PORTS and "://" in uri
+
+
+def check_database(uri: str, what: str, timeout: float = 5.0) -> None:
+    """Fail within ``timeout`` s, naming the (masked) URI, when a database server cannot be
+    used: unreachable (MLflow would retry for ~2 minutes), or refusing the connection."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(uri)
+    except Exception as exc:
+        raise StoreError(f"{what} {mask_uri(uri)} is not a valid database URI ({exc})") from None
+    secret = url.password
+    if url.host and "@" in url.host:  # "u:p@ss@host": SQLAlchemy splits at the first "@"
+        raise StoreError(
+            f"{what} {mask_uri(uri)}: the password holds an '@'; write it as %40 in the URI"
+        )
+
+    def clean(text: str) -> str:
+        text = mask_uri(text)
+        return text.replace(str(secret), "***") if secret else text
+
+    hint = (
+        "start the database (README: many machines), fix the URI, or unset it to use the "
+        "local default store"
+    )
+    if url.host:  # a unix-socket URI has no host: the connection below checks it
+        port = url.port or DB_PORTS[url.get_backend_name()]
+        try:
+            socket.create_connection((url.host, port), timeout=timeout).close()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__ or str(exc)
+            if isinstance(exc, TimeoutError | socket.timeout):
+                reason = f"no answer within {timeout:g} s"
+            raise StoreError(
+                f"{what} {mask_uri(uri)} is unreachable ({url.host}:{port}: {reason}); {hint}"
+            ) from None
+    # psycopg and the MySQL drivers take connect_timeout; other drivers keep their default.
+    known = url.get_backend_name() in ("postgresql", "postgres", "mysql", "mariadb")
+    connect_args = {"connect_timeout": max(1, int(timeout))} if url.host and known else {}
+    try:
+        engine = sqlalchemy.create_engine(
+            uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool
+        )
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StoreError(f"{what} {mask_uri(uri)} cannot be used: {clean(first)}; {hint}") from None
 
 
 def _check_server(uri: str, timeout: float = 5.0) -> None:
@@ -127,7 +238,11 @@ def _sanitize_key(key: str) -> str:
 class Tracker:
     """One MLflow experiment (a study) and its runs."""
 
-    def __init__(self, cfg: TrackingConfig, experiment: str, *, retries: int = 12):
+    def __init__(
+        self, cfg: TrackingConfig, experiment: str, *, retries: int = 12, create: bool = True
+    ):
+        """``create=False`` opens an existing experiment only (readers such as the report):
+        a missing store or experiment is a :class:`StoreError`, and nothing is created."""
         import mlflow  # noqa: F401  (heavy; imported here on purpose)
         from mlflow.tracking import MlflowClient
 
@@ -135,35 +250,60 @@ class Tracker:
         self.uri = default_uri(cfg)
         self.experiment_name = experiment
         self.retries = retries
+        self.calls = 0  # MLflow calls made through _call, and their wall time (agelab bench)
+        self.call_seconds = 0.0
         if self.uri.startswith(("http://", "https://")):
             _check_server(self.uri)
-        elif self.uri.startswith("sqlite:///") or "://" not in self.uri:
+        elif is_database_uri(self.uri):
+            check_database(self.uri, "MLflow tracking store")
+        elif self.uri.startswith("sqlite:///"):
+            db = Path(self.uri[len("sqlite:///") :])
+            if not create and not db.is_file():
+                raise StoreError(
+                    f"no tracking store at {db}: run a study first, or set tracking.root / "
+                    "MLFLOW_TRACKING_URI to the store that has it"
+                )
+        if create and (self.uri.startswith("sqlite:///") or "://" not in self.uri):
             probe_writable(cfg.root)
             (cfg.root / "artifacts").mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._ensure_experiment()
+        # Two studies starting at once on a new SQLite store would both create its tables
+        # (MLflow's migrations are not concurrency-safe): one at a time, per store.
+        with _sqlite_create_lock(self.uri):
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = self._ensure_experiment(create)
+
+    @property
+    def display_uri(self) -> str:
+        """The store's URI with any password masked (for messages and reports)."""
+        return mask_uri(self.uri)
 
     # ---------------------------------------------------------------- plumbing
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call an MlflowClient method, retrying transient database-lock errors."""
-        delay = 0.05
-        for attempt in range(self.retries + 1):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:
-                text = str(exc).lower()
-                transient = (
-                    "database is locked" in text
-                    or "deadlock" in text
-                    or ("could not serialize" in text)
-                )
-                if not transient or attempt == self.retries:
-                    raise
-                time.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 2.0)
-        raise AssertionError("unreachable")
+        """Call an MlflowClient method, retrying transient database-lock errors; counts the
+        calls and their wall time, retries included (``calls``, ``call_seconds``)."""
+        t0 = time.perf_counter()
+        try:
+            delay = 0.05
+            for attempt in range(self.retries + 1):
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    text = str(exc).lower()
+                    transient = (
+                        "database is locked" in text
+                        or "deadlock" in text
+                        or ("could not serialize" in text)
+                    )
+                    if not transient or attempt == self.retries:
+                        raise
+                    time.sleep(delay * (1 + random.random()))
+                    delay = min(delay * 2, 2.0)
+            raise AssertionError("unreachable")
+        finally:
+            self.calls += 1
+            self.call_seconds += time.perf_counter() - t0
 
-    def _ensure_experiment(self) -> str:
+    def _ensure_experiment(self, create: bool = True) -> str:
         exp = self._call(self.client.get_experiment_by_name, self.experiment_name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
@@ -172,6 +312,14 @@ class Tracker:
                     "UI or rename the study"
                 )
             return exp.experiment_id
+        if not create:
+            names = [
+                e.name for e in self._call(self.client.search_experiments) if e.name != "Default"
+            ]
+            raise StoreError(
+                f"no MLflow experiment {self.experiment_name!r} in {self.display_uri} "
+                f"(it has: {', '.join(sorted(names)) or 'none'}); check the study name"
+            )
         try:
             return self._call(
                 self.client.create_experiment,
@@ -193,7 +341,7 @@ class Tracker:
         tags: dict[str, Any],
         parent_id: str | None = None,
     ) -> str:
-        tags = {k: mask_uri(str(v)) for k, v in tags.items()}
+        tags = {k: _scrub(v) for k, v in tags.items()}
         tags[TAG_WORKER_HOST] = socket.gethostname()
         tags[TAG_WORKER_PID] = str(os.getpid())
         if parent_id:
@@ -201,7 +349,7 @@ class Tracker:
         run = self._call(
             self.client.create_run,
             self.experiment_id,
-            run_name=name,
+            run_name=_scrub(name),
             tags=tags,
         )
         return run.info.run_id
@@ -210,7 +358,7 @@ class Tracker:
         from mlflow.entities import Param
 
         # Any URI-shaped value (tracking.uri, tracking.storage, data paths) loses its password.
-        items = [Param(_sanitize_key(k), mask_uri(str(v))[:6000]) for k, v in params.items()]
+        items = [Param(_sanitize_key(k), _scrub(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params a call
             self._call(self.client.log_batch, run_id, params=items[i : i + 100])
 
@@ -225,17 +373,34 @@ class Tracker:
             if v is not None
         ]
         for i in range(0, len(items), 1000):
+            kill_point("mlflow.log_metrics")
             self._call(self.client.log_batch, run_id, metrics=items[i : i + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(_sanitize_key(k), mask_uri(str(v))[:5000]) for k, v in tags.items()]
+        items = [RunTag(_sanitize_key(k), _scrub(v)[:5000]) for k, v in tags.items()]
         if items:
             self._call(self.client.log_batch, run_id, tags=items)
 
     def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+        kill_point("mlflow.log_artifacts")
         self._call(self.client.log_artifacts, run_id, str(folder), artifact_path)
+
+    def download_artifact(self, run_id: str, path: str, dst: Path) -> Path | None:
+        """One artifact of a run into ``dst`` (None when the run has no such artifact)."""
+        dst.mkdir(parents=True, exist_ok=True)
+        quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per file
+        try:
+            return Path(self._call(self.client.download_artifacts, run_id, path, str(dst)))
+        except Exception:
+            return None
+        finally:
+            if quiet is None:
+                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+            else:
+                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
 
     def end_run(self, run_id: str, status: str = FINISHED) -> None:
         self._call(self.client.set_terminated, run_id, status)
