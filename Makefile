@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml constraints.txt
 sysdeps: ## install Debian packages the full test run uses (postgresql, chromium), when root
 	@bash scripts/sysdeps.sh
 
-demo: install ## run the default study on embedded synthetic faces (~10 min on 2 CPU cores)
+demo: install ## run the default study on embedded synthetic faces (~10 min on 2 idle CPU cores)
 	$(AGELAB) run experiments/demo.yaml $(ARGS)
 
 test: install sysdeps ## the whole suite: slow, PostgreSQL, browser; GPU tests skip with a reason without CUDA
