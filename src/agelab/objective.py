@@ -57,6 +57,21 @@ def out_of_memory_reason(exc: BaseException, cfg: StudyConfig) -> str:
     )
 
 
+def build_trial_model(cfg: StudyConfig, image_size: int):
+    """The trial's model and census: backbone/norm/act from ``cfg.model``, the head sized for
+    ``cfg.train.loss``, initialised from ``cfg.train.seed``."""
+    from agelab.models import build_model_from_config
+
+    return build_model_from_config(
+        cfg.model,
+        image_size,
+        cfg.train.loss,
+        huber_delta=cfg.train.huber_delta,
+        max_age=cfg.data.max_age,
+        seed=cfg.train.seed,
+    )
+
+
 def first_conv_weight(model: torch.nn.Module) -> np.ndarray | None:
     """Weights of the first 2-D convolution that sees the image (the matched filters)."""
     for module in model.modules():
@@ -76,18 +91,10 @@ def evaluate_trial(
 ) -> TrialResult:
     from agelab import metrics as M
     from agelab import plots
-    from agelab.models import build_model_from_config
     from agelab.train import TrainingDiverged, fit, predict
 
     t0 = time.time()
-    model, census = build_model_from_config(
-        cfg.model,
-        data.image_size,
-        cfg.train.loss,
-        huber_delta=cfg.train.huber_delta,
-        max_age=cfg.data.max_age,
-        seed=cfg.train.seed,
-    )
+    model, census = build_trial_model(cfg, data.image_size)
     tracker.set_tags(run_id, {f"census.{k}": v for k, v in _flat_census(census).items()})
     train_cfg = cfg.train.model_copy(update={"progress": cfg.train.progress and not quiet})
     try:

@@ -93,7 +93,7 @@ def mlflow_callback_overhead(cfg, params: dict[str, Any], root: Path) -> dict[st
     from optuna_integration import MLflowCallback
 
     from agelab.data import load_dataset
-    from agelab.models import build_model_from_config
+    from agelab.objective import build_trial_model
     from agelab.train import fit, predict
 
     uri = empty_store(root / "mlflow.db")
@@ -108,14 +108,7 @@ def mlflow_callback_overhead(cfg, params: dict[str, Any], root: Path) -> dict[st
         chosen = {k: trial.suggest_categorical(k, list(v)) for k, v in cfg.search.space.items()}
         seed = trial.suggest_categorical(seed_key, list(cfg.search.seeds))
         cfg_t = cfg.with_params(chosen | {"train.seed": seed})
-        model, _ = build_model_from_config(
-            cfg_t.model,
-            data.image_size,
-            cfg_t.train.loss,
-            huber_delta=cfg_t.train.huber_delta,
-            max_age=cfg_t.data.max_age,
-            seed=seed,
-        )
+        model, _ = build_trial_model(cfg_t, data.image_size)
         fit(model, data, cfg_t.train)
         pred = predict(model, data.images[calib], batch_size=cfg_t.train.eval_batch_size)
         return float(np.mean(np.abs(pred.astype(np.float64) - data.ages[calib])))
