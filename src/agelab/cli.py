@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agelab.config import ConfigError
+    from agelab.errors import UserError
 
     parser = build_parser()
     # Overrides may follow flags (``run x.yaml --quiet train.epochs=2``), which plain
@@ -253,17 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
+    except UserError as exc:  # anything else is a bug and keeps its traceback
         print(f"agelab: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("\nagelab: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # user-fixable data problems carry their own type
-        if type(exc).__name__ in ("DataError", "ModelError", "StoreError", "ReportError"):
-            print(f"agelab: {exc}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        raise
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agelab.errors import ConfigError
+
 # Registry names are checked lazily through these hooks so that importing the config does
 # not import torch/timm; each returns the valid names (or raises ValueError itself).
 
@@ -424,16 +426,6 @@ def size_warning(cfg: StudyConfig, seconds_per_trial: float, basis: str) -> str 
 
 
 # ------------------------------------------------------------------------------ loading
-
-
-class ConfigError(ValueError):
-    """A study file or override is invalid; the message lists every problem found."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"invalid study config {source}:\n{lines}")
 
 
 def _has_path(raw: dict, dotted: str) -> bool:

@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from agelab.errors import ModelError
 from agelab.losses import AgeLoss, default_loss_for
 
 __all__ = [
@@ -55,11 +56,6 @@ __all__ = [
     "rebuild_model",
     "resolve_backbone",
 ]
-
-
-class ModelError(ValueError):
-    """A model request that cannot be honoured (unknown name, missing weights, rejected
-    backbone); the message says what to change."""
 
 
 # ------------------------------------------------------------------------------ registries

@@ -21,11 +21,8 @@ import torch
 
 from agelab.config import StudyConfig
 from agelab.data.dataset import FaceDataset
+from agelab.errors import TrialFailed
 from agelab.tracking import Tracker
-
-
-class TrialFailed(RuntimeError):
-    """A trial that cannot produce a result for a known reason (recorded, no traceback)."""
 
 
 @dataclass

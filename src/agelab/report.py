@@ -42,6 +42,7 @@ import pandas as pd
 from scipy import stats
 
 from agelab.config import Range, ReportConfig, StudyConfig, TrackingConfig
+from agelab.errors import ReportError
 from agelab.metrics import LAPLACE_CS_AT_MAE, NORMAL_CS_AT_MAE
 
 #: Short names for the usual factors (others keep their last dotted part).
@@ -55,10 +56,6 @@ CELL_METRICS = (
     ("conformal_90_coverage", "conformal 90 % coverage"),
 )
 STATES = ("COMPLETE", "FAIL", "PRUNED", "KILLED", "RUNNING")
-
-
-class ReportError(RuntimeError):
-    """A report cannot be made (no such study, no runs); the message says what to do."""
 
 
 # ------------------------------------------------------------------------------ design

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agelab.config import TrackingConfig
+from agelab.errors import StoreError
 from agelab.faults import kill_point
 
 T = TypeVar("T")
@@ -42,10 +43,6 @@ TAG_STUDY = "agelab.study"
 TAG_STATE = "agelab.state"
 TAG_REASON = "agelab.fail_reason"
 TAG_KIND = "agelab.run_kind"  # "study" (parent) | "trial" (nested)
-
-
-class StoreError(RuntimeError):
-    """The tracking store cannot be used (unreachable server, unwritable folder)."""
 
 
 _URI_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agelab.errors import CheckpointError, TrainingDiverged
 from agelab.faults import kill_point
 from agelab.losses import AgeLoss, make_loss
 from agelab.models import AgeRegressor, rebuild_model
@@ -70,22 +71,6 @@ class Callback(Protocol):
     restored."""
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None: ...
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf. ``epoch`` and ``step`` (1-based, step within the epoch) locate
-    the first bad step; ``lr`` is the learning rate used there."""
-
-    def __init__(self, epoch: int, step: int, lr: float, detail: str = "non-finite loss"):
-        self.epoch, self.step, self.lr = epoch, step, lr
-        super().__init__(
-            f"training diverged: {detail} at epoch {epoch}, step {step} "
-            f"(lr {lr:.3g}); lower train.lr or set train.grad_clip"
-        )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not match; the message names the file."""
 
 
 @dataclass

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from agelab.data.images import BAD_BOX, CORRUPT_IMAGE, NOT_IMAGE, TRUNCATED_IMAGE
+from agelab.errors import DataError
 
 if TYPE_CHECKING:  # pandas is imported when a manifest is built: `import agelab.data` stays light
     import pandas as pd
@@ -97,15 +98,6 @@ HINTS = {
 SKIP_HINT = "or set data.on_bad=skip to skip bad rows and report them"
 
 OnBad = Literal["error", "skip"]
-
-
-class DataError(ValueError):
-    """A data problem the user can fix; the message says where and what to do."""
-
-    def __init__(self, message: str, *, reason: str | None = None, where: str | None = None):
-        super().__init__(message)
-        self.reason = reason
-        self.where = where
 
 
 @dataclass(frozen=True)
