@@ -1,13 +1,10 @@
-"""Study configuration: YAML files in ``experiments/`` validated into typed objects.
+"""The study configuration schema: typed sections with every default in one place.
 
-A study file has six sections (``data``, ``model``, ``train``, ``search``, ``tracking``,
-``metrics``); every field has a default here and only here. Loading is strict: an
-unknown key, a wrong type or an unknown registry name (norm, act, backbone, loss, data
-source) is a :class:`ConfigError` naming the file, the field path and the valid choices.
-
-``key=value`` overrides from the command line are applied to the raw mapping *before*
-validation, so they are checked by exactly the same rules (``train.epochs=2``,
-``search.space.model.norm=[batch,none]``). Values are parsed as YAML scalars/lists.
+A study file has these sections: ``data``, ``model``, ``train``, ``search``, ``tracking``,
+``metrics``, ``report``. Every field has its default here and only here. Validation is strict:
+an unknown key, a wrong type or an unknown registry name (norm, act, backbone, loss, data
+source) is an error naming the field and the valid choices. Reading YAML files and
+``key=value`` overrides is :mod:`agelab.config.load`.
 """
 
 from __future__ import annotations
@@ -16,46 +13,22 @@ import copy
 import itertools
 import math
 import os
-import re
-import reprlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agelab.errors import ConfigError
 
-# Registry names are checked lazily through these hooks so that importing the config does
-# not import torch/timm; each returns the valid names (or raises ValueError itself).
+def _check_name(kind: str, value: str, names: Iterable[str]) -> str:
+    """``value`` if it is a registry name, else a ValueError listing the valid ones.
 
-
-def _check_name(kind: str, value: str) -> str:
-    names = registry_names(kind)
+    Each validator imports its registry (agelab.models, agelab.losses, agelab.data.sources)
+    when it runs, so importing the config does not import torch or timm."""
+    names = list(names)
     if value not in names:
         raise ValueError(f"unknown {kind} {value!r}; valid choices: {', '.join(names)}")
     return value
-
-
-def registry_names(kind: str) -> list[str]:
-    """Valid names for a registry (``norm``, ``act``, ``loss``, ``source``)."""
-    if kind == "norm":
-        from agelab.models import NORMS
-
-        return list(NORMS)
-    if kind == "act":
-        from agelab.models import ACTS
-
-        return list(ACTS)
-    if kind == "loss":
-        from agelab.losses import LOSSES
-
-        return list(LOSSES)
-    if kind == "source":
-        from agelab.data import SOURCES
-
-        return list(SOURCES)
-    raise KeyError(kind)
 
 
 class Strict(BaseModel):
@@ -119,7 +92,9 @@ class DataConfig(Strict):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        return _check_name("source", v)
+        from agelab.data.sources import SOURCES
+
+        return _check_name("source", v, SOURCES)
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -151,12 +126,16 @@ class ModelConfig(Strict):
     @field_validator("norm")
     @classmethod
     def _norm(cls, v: str) -> str:
-        return _check_name("norm", v)
+        from agelab.models import NORMS
+
+        return _check_name("norm", v, NORMS)
 
     @field_validator("act")
     @classmethod
     def _act(cls, v: str) -> str:
-        return _check_name("act", v)
+        from agelab.models import ACTS
+
+        return _check_name("act", v, ACTS)
 
     @field_validator("backbone")
     @classmethod
@@ -203,7 +182,9 @@ class TrainConfig(Strict):
     @field_validator("loss")
     @classmethod
     def _loss(cls, v: str) -> str:
-        return _check_name("loss", v)
+        from agelab.losses import LOSSES
+
+        return _check_name("loss", v, LOSSES)
 
 
 # ------------------------------------------------------------------------------- search
@@ -339,12 +320,12 @@ class StudyConfig(Strict):
         # validate each one by applying it to a copy of the config.
         base = self.model_dump(exclude={"search"})
         for key, choices in self.search.space.items():
-            if not _has_path(base, key):
+            if not has_path(base, key):
                 raise ValueError(f"search.space key {key!r} is not a field of the study config")
             values = choices if isinstance(choices, list) else [choices.low, choices.high]
             for value in values:
                 trial = copy.deepcopy(base)
-                _set_path(trial, key, value)
+                set_path(trial, key, value)
                 try:
                     StudyConfig.model_validate(
                         {**trial, "name": self.name, "search": {"space": {}}}
@@ -360,75 +341,15 @@ class StudyConfig(Strict):
         """A copy with dotted-path params applied (one trial's settings), validated."""
         raw = self.model_dump()
         for key, value in params.items():
-            _set_path(raw, key, value)
+            set_path(raw, key, value)
         return StudyConfig.model_validate(raw)
 
 
-# ------------------------------------------------------------------------ study size
-
-#: Rough training speeds (images/s at 64 px, resnet10t-sized nets) behind the time estimate
-#: of a big study: the CPU figure is this project's 2-core benchmark (README, Performance);
-#: `agelab bench` measures your machine. Other sizes scale with the pixel count.
-CPU_IMAGES_PER_S = 80.0
-GPU_IMAGES_PER_S = 8000.0
-TRIAL_OVERHEAD_S = 5.0  # build, final evaluation, diagnostics, logging
-ASSUMED_REAL_IMAGES = 10_000
+# --------------------------------------------------------------------- dotted paths
 
 
-def estimate_trial_seconds(
-    cfg: StudyConfig, *, gpu: bool = False, n_images: int | None = None
-) -> tuple[float, str]:
-    """(seconds per trial, how that was estimated) before anything has run."""
-    assumed = n_images is None and cfg.data.source != "synthetic"
-    if n_images is None:
-        n_images = cfg.data.synthetic.n_images if not assumed else ASSUMED_REAL_IMAGES
-    rate = (GPU_IMAGES_PER_S if gpu else CPU_IMAGES_PER_S) * (64 / cfg.data.image_size) ** 2
-    split = cfg.data.split
-    # Per epoch: the train split forward+backward, the calib split forward (~1/3 the cost).
-    seen = n_images * (split.train + split.calib / 3) * cfg.train.epochs
-    basis = (
-        f"rough estimate: ~{rate:,.0f} training images/s on {'a GPU' if gpu else 'CPU'} at "
-        f"{cfg.data.image_size} px, {n_images:,} images{' (assumed)' if assumed else ''}, "
-        f"{cfg.train.epochs} epochs; `agelab bench` measures this machine"
-    )
-    return seen / rate + TRIAL_OVERHEAD_S, basis
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
-
-def size_warning(cfg: StudyConfig, seconds_per_trial: float, basis: str) -> str | None:
-    """The warning for a study with more trials than ``search.warn_cells`` (else None):
-    the trial and cell counts, and how long that would take."""
-    search = cfg.search
-    total = search.n_total()
-    if total <= search.warn_cells:
-        return None
-    shape = (
-        f"{total // len(search.seeds):,} cells × {len(search.seeds)} seed(s)"
-        if search.sampler == "grid"
-        else f"search.n_trials = {total:,}"
-    )
-    return (
-        f"warning: {total:,} trials planned ({shape}), more than search.warn_cells = "
-        f"{search.warn_cells:,}: about {format_duration(total * seconds_per_trial)} with one "
-        f"worker at ~{format_duration(seconds_per_trial)} per trial ({basis}). Shrink "
-        "search.space or search.seeds, spread it over workers (--workers N, or --join on "
-        "more machines), or raise search.warn_cells to silence this."
-    )
-
-
-# ------------------------------------------------------------------------------ loading
-
-
-def _has_path(raw: dict, dotted: str) -> bool:
+def has_path(raw: dict, dotted: str) -> bool:
+    """Whether ``dotted`` (``train.lr``) names a key of the nested mapping ``raw``."""
     node: Any = raw
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -437,7 +358,8 @@ def _has_path(raw: dict, dotted: str) -> bool:
     return True
 
 
-def _set_path(raw: dict, dotted: str, value: Any) -> None:
+def set_path(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``dotted`` = ``a.b.c``, creating missing sections."""
     parts = dotted.split(".")
     node = raw
     for part in parts[:-1]:
@@ -448,154 +370,6 @@ def _set_path(raw: dict, dotted: str, value: Any) -> None:
             raise ValueError(f"{dotted}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
-
-
-_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_.-]+)*)=(.*)$", re.S)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``train.epochs=2`` → ("train.epochs", 2). Values are parsed as YAML."""
-    m = _OVERRIDE.match(text)
-    if not m:
-        raise ConfigError("(command line)", [f"{text!r} is not key=value (e.g. train.epochs=2)"])
-    key, raw = m.groups()
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    raw = copy.deepcopy(raw)
-    for text in overrides:
-        key, value = parse_override(text)
-        if key.startswith("search.space."):
-            # Space keys are dotted paths themselves: search.space.model.norm=[a,b]
-            raw.setdefault("search", {}).setdefault("space", {})[key[len("search.space.") :]] = (
-                value
-            )
-        else:
-            try:
-                _set_path(raw, key, value)
-            except ValueError as exc:  # train.epochs.x=1: a value is not a section
-                raise ConfigError("(command line)", [f"{text!r}: {exc}"]) from None
-    return raw
-
-
-def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Valid keys at the section an 'extra_forbidden' error points into."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
-
-
-def _format_errors(exc: ValidationError) -> list[str]:
-    problems = []
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            valid = _field_names(StudyConfig, loc)
-            msg = "unknown key" + (f"; valid keys here: {', '.join(valid)}" if valid else "")
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
-            msg = f"{msg} (got {_SHORT.repr(err['input'])})"
-        problems.append(f"{path}: {msg}")
-    return problems
-
-
-#: Values in a study config, counted as YAML aliases expand: a few hundred in practice. A
-#: "billion laughs" file (aliases of aliases) stops here instead of hanging the validator.
-MAX_CONFIG_VALUES = 100_000
-
-_SHORT = reprlib.Repr()  # error messages quote bad inputs, never megabytes of them
-_SHORT.maxstring = _SHORT.maxother = 80
-
-
-def _check_size(raw: Any, source: str) -> None:
-    budget, stack = MAX_CONFIG_VALUES, [raw]
-    while stack:
-        node = stack.pop()
-        budget -= 1
-        if budget < 0:
-            raise ConfigError(
-                source,
-                [
-                    f"the config holds more than {MAX_CONFIG_VALUES:,} values (YAML aliases "
-                    "repeating anchors, or a self-referencing one?); write the values out"
-                ],
-            )
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-
-
-def validate(raw: Any, source: str = "(config)") -> StudyConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            source, [f"top level must be a mapping of sections, got {type(raw).__name__}"]
-        )
-    _check_size(raw, source)
-    try:
-        return StudyConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(source, _format_errors(exc)) from None
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    def at(mark: Any) -> str:
-        return f"line {mark.line + 1}, column {mark.column + 1}"
-
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:
-        return (
-            f"YAML tag not allowed{' at ' + at(mark) if mark else ''}: {problem}; study files "
-            "are loaded safely (plain values, lists and mappings only): remove the !tag"
-        )
-    where = f" at {at(mark)}" if mark else ""
-    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-    started = f" ({context} started at {at(context_mark)})" if context and context_mark else ""
-    return (
-        f"malformed YAML{where}: {problem}{started}; fix the syntax there (indent with "
-        "spaces, not tabs; close brackets and quotes)"
-    )
-
-
-def load_raw(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        hint = ""
-        if path.parent.is_dir():
-            near = sorted(p.name for p in path.parent.glob("*.yaml"))
-            hint = f"; studies in {path.parent}: {', '.join(near)}" if near else ""
-        raise ConfigError(str(path), [f"file not found{hint}"])
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [_yaml_problem(exc)]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(str(path), [f"not UTF-8 text: {exc}"]) from None
-    if raw is None:
-        raise ConfigError(str(path), ["file is empty; a study needs at least `name:`"])
-    return raw
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
-    """Load, override and validate a study file. Raises :class:`ConfigError`."""
-    raw = load_raw(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(str(path), [f"top level must be a mapping, got {type(raw).__name__}"])
-    source = str(path) + (f" with overrides {' '.join(overrides)}" if overrides else "")
-    return validate(apply_overrides(raw, overrides or []), source)
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
