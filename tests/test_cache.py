@@ -12,19 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from agelab.config import DataConfig, SynthConfig
 from agelab.data import cache as C
-from agelab.data import load_dataset
+from agelab.data.load import load_dataset
+from helpers.images import write_image
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def write_image(path: Path, seed: int = 0, size=(24, 20)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(arr).save(path, "JPEG")
 
 
 def make_csv_dataset(root: Path, n: int = 6) -> Path:
@@ -309,7 +303,7 @@ def test_bad_rows_found_while_decoding_are_cached_and_still_enforced(tmp_path):
     assert skipped.info["n_bad"] == 1 and len(skipped) == 5
     hit = load(cfg_for(manifest, cache, on_bad="skip"))
     assert hit.info["cache_hit"] is True and hit.info["bad_rows"] == skipped.info["bad_rows"]
-    from agelab.data import DataError
+    from agelab.errors import DataError
 
     with pytest.raises(DataError, match=r"5\.jpg"):  # error policy on a cached skip-build
         load(cfg_for(manifest, cache, on_bad="error"))
@@ -338,9 +332,3 @@ def test_synthetic_is_cached_by_config(tmp_path):
     assert other.info["cache_hit"] is False and other.fingerprint != first.fingerprint
     bigger = load(cfg.model_copy(update={"image_size": 20}))
     assert bigger.info["cache_hit"] is False and bigger.image_size == 20
-
-
-def test_bench_cache_small():
-    out = C.bench_cache(n=64, size=16)
-    assert set(out) >= {"build_s", "reload_s", "decode_jpeg_s", "cache_mb"}
-    assert out["n"] == 64 and out["reload_s"] >= 0

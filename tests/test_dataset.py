@@ -10,9 +10,11 @@ import torch
 from PIL import Image, ImageFile
 
 from agelab.config import DataConfig, SynthConfig
-from agelab.data import DataError, FaceDataset, load_dataset
+from agelab.data.dataset import FaceDataset
 from agelab.data.images import Box, crop_box, decode_image
 from agelab.data.inspect import format_inspection, inspect_source
+from agelab.data.load import load_dataset
+from agelab.errors import DataError
 
 
 def solid(size, colour) -> Image.Image:

@@ -29,6 +29,8 @@ from agelab.metrics import (
     normality,
     point_metrics,
 )
+from agelab.metrics.conformal import _pool_bands
+from agelab.metrics.shape import _ks_distance
 
 MLFLOW_KEY = re.compile(r"^[A-Za-z0-9_\-./ ]+$")
 
@@ -174,7 +176,7 @@ def test_verdict_ks_constant_matches_monte_carlo():
         x = np.sort(rng.laplace(size=n))
         med = np.median(x)
         b = np.mean(np.abs(x - med))
-        d.append(M._ks_distance(x, stats.laplace.cdf(x, med, b)) * math.sqrt(n))
+        d.append(_ks_distance(x, stats.laplace.cdf(x, med, b)) * math.sqrt(n))
     assert 0.95 < np.quantile(d, 0.99) < 1.2
     assert 0.95 < M.VERDICT_KS_C < 1.2
 
@@ -319,11 +321,11 @@ def test_conformal_skewed_residuals(dist, seed):
 
 def test_pool_bands():
     counts = [0, 5, 198, 225, 10, 219, 155, 49, 13, 7, 1, 0]
-    pools = M._pool_bands(counts, 50)
+    pools = _pool_bands(counts, 50)
     # sparse low end joins the first full band; the sparse high tail is pooled on its own
     assert pools == [[0, 1, 2], [3], [4, 5], [6], [7, 8, 9, 10, 11]]
-    assert M._pool_bands([3, 4], 50) == [[0, 1]]
-    assert M._pool_bands([60], 50) == [[0]]
+    assert _pool_bands([3, 4], 50) == [[0, 1]]
+    assert _pool_bands([60], 50) == [[0]]
 
 
 @pytest.mark.parametrize("mode", ["merge", "global"])

@@ -6,35 +6,20 @@ sample beside the repo is used when present (skipped with a reason otherwise).
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from agelab.config import DataConfig
-from agelab.data import SOURCES, DataError, load_dataset
 from agelab.data import sources as S
-from agelab.data.sources import read_csv, read_fgnet, read_manifest, read_utkface
+from agelab.data.load import load_dataset
+from agelab.data.sources import SOURCES, read_csv, read_fgnet, read_manifest, read_utkface
+from agelab.errors import DataError
+from helpers.images import jpeg_bytes, write_image
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def write_image(path: Path, size=(24, 20), *, seed: int = 0, fmt: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(arr).save(path, format=fmt or ("PNG" if path.suffix == ".png" else "JPEG"))
-    return path
-
-
-def jpeg_bytes(size=(24, 20)) -> bytes:
-    buf = io.BytesIO()
-    arr = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(arr).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def write_csv(root: Path, lines: list[str], name: str = "labels.csv", **kw) -> Path:

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agelab.config import SplitConfig
-from agelab.data import DataError
 from agelab.data.split import SplitWarning, assign_splits, split_summary
+from agelab.errors import DataError
 
 SPLITS = ("train", "calib", "test")
 

@@ -28,16 +28,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import special, stats
 
-from agelab.metrics import (
-    ConformalInterval,
-    Diagnostics,
-    _check_pair,
-    _check_residuals,
-    _is_constant,
-    _quiet_ctx,
-    _share_within,
-    _theory_models,
-)
+from agelab.metrics import ConformalInterval, Diagnostics
+from agelab.metrics.checks import check_pair, check_residuals, is_constant, quiet_ctx
+from agelab.metrics.coverage import share_within, theory_models
 
 __all__ = [
     "cs_curve_plot",
@@ -70,7 +63,7 @@ def _subsample(n: int, max_points: int, seed: int) -> np.ndarray:
 def _fits(e: np.ndarray) -> tuple[float, float, float, float]:
     """ML fits: normal (mean, sd ddof=0) and Laplace (median, mean abs deviation)."""
     med = float(np.median(e))
-    if _is_constant(e):
+    if is_constant(e):
         return float(e.mean()), 0.0, med, 0.0
     return float(e.mean()), float(e.std()), med, float(np.mean(np.abs(e - med)))
 
@@ -80,7 +73,7 @@ def qq_plot(residuals: object, *, max_points: int = 2000) -> Figure:
 
     For large samples ``max_points`` evenly spaced quantiles are drawn instead of every point.
     """
-    e = _check_residuals(residuals)
+    e = check_residuals(residuals)
     mu, sd, med, b = _fits(e)
     m = min(e.size, max_points)
     probs = (np.arange(1, m + 1) - 0.5) / m
@@ -110,7 +103,7 @@ def residual_histogram(residuals: object, *, max_bins: int = 100) -> Figure:
     The x-range is the central 99.8 % of residuals (extreme outliers would squash the plot);
     the density is still normalised by the full sample size.
     """
-    e = _check_residuals(residuals)
+    e = check_residuals(residuals)
     n = e.size
     mu, sd, med, b = _fits(e)
     lo, hi = np.quantile(e, [0.001, 0.999])
@@ -153,21 +146,21 @@ def residual_histogram(residuals: object, *, max_bins: int = 100) -> Figure:
 
 def cs_curve_plot(residuals: object, *, k_max: int = 15) -> Figure:
     """Observed CS(k) = share with |residual| <= k vs the curves predicted by the models."""
-    e = _check_residuals(residuals)
+    e = check_residuals(residuals)
     abs_sorted = np.sort(np.abs(e))
     mae = float(abs_sorted.mean())
     k = np.linspace(0.0, float(k_max), 601)
     k = np.union1d(k, abs_sorted[abs_sorted <= k_max])  # exact steps of the observed curve
-    models = _theory_models(e)
+    models = theory_models(e)
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     ax.step(
         k,
-        _share_within(abs_sorted, k),
+        share_within(abs_sorted, k),
         where="post",
         color=COLORS["observed"],
         lw=1.8,
-        label=f"observed (at MAE: {_share_within(abs_sorted, mae):.3f})",
+        label=f"observed (at MAE: {share_within(abs_sorted, mae):.3f})",
     )
     labels = {
         "normal": "normal from MAE",
@@ -206,14 +199,14 @@ def residual_vs_age(
 ) -> Figure:
     """Residual vs true age: scatter (subsampled), binned mean and mean |residual|, and the
     global conformal band +-q (an interval pred +- q holds the truth iff |residual| <= q)."""
-    t, p = _check_pair(y_true, y_pred, "y_true", "y_pred")
+    t, p = check_pair(y_true, y_pred, "y_true", "y_pred")
     e = p - t
     idx = _subsample(t.size, max_points, seed)
     fig = Figure(figsize=(7, 4.4), layout="constrained")
     ax = fig.subplots()
     ax.scatter(t[idx], e[idx], s=4, alpha=0.3, color="0.4", lw=0, label="cases")
     ax.axhline(0.0, color="black", lw=0.8)
-    if not _is_constant(t):
+    if not is_constant(t):
         edges = np.linspace(t.min(), t.max(), n_bins + 1)
         which = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, n_bins - 1)
         counts = np.bincount(which, minlength=n_bins)
@@ -244,7 +237,7 @@ def pred_vs_true(
     y_true: object, y_pred: object, *, max_points: int = 5000, seed: int = 0
 ) -> Figure:
     """Predicted vs true age (subsampled scatter) with the identity line."""
-    t, p = _check_pair(y_true, y_pred, "y_true", "y_pred")
+    t, p = check_pair(y_true, y_pred, "y_true", "y_pred")
     idx = _subsample(t.size, max_points, seed)
     fig = Figure(figsize=(5, 5), layout="constrained")
     ax = fig.subplots()
@@ -333,14 +326,14 @@ def figures_for(
     ``y_true``/``y_pred`` are the test arrays passed to :func:`agelab.metrics.evaluate`;
     the conformal band uses ``diagnostics.conformal[conformal_level]`` when present.
     """
-    t, p = _check_pair(y_true, y_pred, "y_true", "y_pred")
+    t, p = check_pair(y_true, y_pred, "y_true", "y_pred")
     e = p - t
     conformal = diagnostics.conformal.get(conformal_level)
     if conformal is None and diagnostics.conformal:  # closest available level
         conformal = diagnostics.conformal[
             min(diagnostics.conformal, key=lambda lv: abs(lv - conformal_level))
         ]
-    with _quiet_ctx():  # scipy ppf/pdf at the extremes must not warn
+    with quiet_ctx():  # scipy ppf/pdf at the extremes must not warn
         figs = {
             "qq": qq_plot(e),
             "residual_hist": residual_histogram(e),

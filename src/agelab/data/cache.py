@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from agelab.faults import kill_point
+from agelab.processes import pid_alive
 
 #: Bump when the on-disk layout or anything that changes cached contents changes.
 CACHE_FORMAT_VERSION = 1
@@ -118,16 +119,6 @@ _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 _TEMP_OWNER = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[a-z0-9_]+\.tmp$")
 
 
-def _pid_dead(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
 def _clean_stale_temps(folder: Path, max_age_s: float = 24 * 3600) -> None:
     """Remove temp files a crashed writer left behind: those of a dead process on this
     host, and any older than ``max_age_s`` (others may belong to a live writer)."""
@@ -139,7 +130,7 @@ def _clean_stale_temps(folder: Path, max_age_s: float = 24 * 3600) -> None:
                 owner is not None
                 and owner["host"] == _HOST
                 and int(owner["pid"]) != os.getpid()
-                and _pid_dead(int(owner["pid"]))
+                and not pid_alive(int(owner["pid"]))
             )
             if dead or now - p.stat().st_mtime > max_age_s:
                 p.unlink()
@@ -241,81 +232,3 @@ def load_entry(
         )
         return None
     return CacheEntry(arrays, sidecar.get("meta") or {}, side)
-
-
-def remove_entry(cache_dir: str | Path, key: str) -> None:
-    folder = Path(cache_dir)
-    for p in folder.glob(f"{key}.*"):
-        with contextlib.suppress(OSError):
-            p.unlink()
-
-
-# -------------------------------------------------------------------------------- bench
-
-
-def bench_cache(n: int = 10_000, size: int = 64, *, workdir: str | Path | None = None) -> dict:
-    """Time the cache against decoding JPEGs, for ``agelab bench``.
-
-    ``build_s``/``reload_s``: save / load (with checksum verification) ``n`` random-but-smooth
-    ``size``×``size`` images as a cache entry. Then the same images are written as JPEG files
-    with a CSV manifest (``write_jpeg_s``) and loaded with :func:`agelab.data.load_dataset`
-    twice: the first call decodes every file (``decode_jpeg_s``, cache miss), the second
-    is a cache hit (``dataset_reload_s``: manifest + validation + fingerprint + cache + split).
-    """
-    from PIL import Image
-
-    from agelab.config import DataConfig
-    from agelab.data import load_dataset
-
-    rng = np.random.default_rng(0)
-    # Blocky noise upsampled 8×, so JPEG sizes and decode costs are realistic (not flat).
-    small = rng.integers(0, 256, (n, 3, size // 8 + 1, size // 8 + 1), dtype=np.uint8)
-    images = np.ascontiguousarray(small.repeat(8, axis=2).repeat(8, axis=3)[:, :, :size, :size])
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="agelab-bench-") as tmp:
-        tmp_path = Path(tmp)
-        fp = fingerprint({"bench": n, "size": size})
-        key = entry_key("bench", fp)
-        t0 = time.perf_counter()
-        save_entry(tmp_path / "cache", key, fp, {"images": images}, {})
-        build_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        entry = load_entry(tmp_path / "cache", key, fp)
-        reload_s = time.perf_counter() - t0
-        assert entry is not None and np.array_equal(entry.arrays["images"], images)
-        cache_bytes = sum(p.stat().st_size for p in (tmp_path / "cache").iterdir())
-
-        jpegs = tmp_path / "jpeg"
-        (jpegs / "img").mkdir(parents=True)
-        t0 = time.perf_counter()
-        lines = ["path,age"]
-        for i in range(n):
-            Image.fromarray(images[i].transpose(1, 2, 0)).save(
-                jpegs / f"img/{i:06d}.jpg", quality=90
-            )
-            lines.append(f"img/{i:06d}.jpg,{i % 90}")
-        (jpegs / "labels.csv").write_text("\n".join(lines) + "\n")
-        write_jpeg_s = time.perf_counter() - t0
-        cfg = DataConfig(
-            source="csv",
-            path=jpegs / "labels.csv",
-            image_size=size,
-            cache_dir=tmp_path / "dataset-cache",
-        )
-        t0 = time.perf_counter()
-        built = load_dataset(cfg, progress=False)
-        decode_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        hit = load_dataset(cfg, progress=False)
-        dataset_reload_s = time.perf_counter() - t0
-        assert not built.info["cache_hit"] and hit.info["cache_hit"]
-    return {
-        "n": n,
-        "size": size,
-        "cache_mb": round(cache_bytes / 2**20, 1),
-        "build_s": round(build_s, 3),
-        "reload_s": round(reload_s, 3),
-        "write_jpeg_s": round(write_jpeg_s, 3),
-        "decode_jpeg_s": round(decode_s, 3),
-        "dataset_reload_s": round(dataset_reload_s, 3),
-        "speedup": round(decode_s / dataset_reload_s, 1) if dataset_reload_s > 0 else None,
-    }

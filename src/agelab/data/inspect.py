@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from agelab.data.images import ImageProblem, decode_workers, open_image
-from agelab.data.sources import SOURCES, BadRow, DataError, format_bad_summary, summarize_bad
+from agelab.data.sources import SOURCES, BadRow, Manifest, format_bad_summary, summarize_bad
+from agelab.errors import DataError
 
 
 def _probe(file: str) -> tuple[tuple[int, int], str, str] | ImageProblem:
@@ -32,8 +33,6 @@ def inspect_source(
     source: str, path: str | Path, *, max_age: float = 120.0, progress: bool = True
 ) -> dict[str, Any]:
     """Scan a real source and describe it (see the module docstring)."""
-    from tqdm.auto import tqdm
-
     spec = SOURCES.get(source)
     if spec is None:
         raise DataError(f"unknown data source {source!r}; valid: {', '.join(SOURCES)}")
@@ -43,10 +42,33 @@ def inspect_source(
             "(use `agelab data preview` to look at synthetic faces)"
         )
     manifest = spec.read(Path(path), max_age=max_age, on_bad="skip")
-    t = manifest.table
-    files = list(t["file"])
+    probes = _probe_all(list(manifest.table["file"]), progress)
+    bad = list(manifest.bad.rows)
+    ok, counts = _tally(probes, manifest, bad)
+    good = manifest.table[ok]
+    ages = good["age"].to_numpy(dtype=np.float64)
+    return {
+        "source": source,
+        "path": str(manifest.origin),
+        "n_rows": manifest.n_rows,
+        "n_ok": int(ok.sum()),
+        "n_bad": len(bad),
+        "n_subjects": len({s for s in good["subject"] if s}),
+        "has_boxes": manifest.has_boxes,
+        "ages": _age_summary(ages),
+        "age_histogram": _decade_histogram(ages),
+        **{name: dict(counter.most_common()) for name, counter in counts.items()},
+        "bad_rows": summarize_bad(bad),
+        "notes": list(manifest.notes),
+    }
+
+
+def _probe_all(files: list[str], progress: bool) -> list:
+    """:func:`_probe` every file on the decoding thread pool, in input order."""
+    from tqdm.auto import tqdm
+
     with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
-        probes = list(
+        return list(
             tqdm(
                 pool.map(_probe, files, chunksize=16),
                 total=len(files),
@@ -56,51 +78,49 @@ def inspect_source(
                 leave=False,
             )
         )
-    bad = list(manifest.bad.rows)
-    ok = np.zeros(len(files), dtype=bool)
-    sizes: Counter[str] = Counter()
-    modes: Counter[str] = Counter()
-    formats: Counter[str] = Counter()
+
+
+def _tally(
+    probes: list, manifest: Manifest, bad: list[BadRow]
+) -> tuple[np.ndarray, dict[str, Counter[str]]]:
+    """Which images opened (appending a bad row for each that did not), and the counts of
+    their sizes, modes and formats."""
+    ok = np.zeros(len(probes), dtype=bool)
+    counts: dict[str, Counter[str]] = {
+        "image_sizes": Counter(),
+        "modes": Counter(),
+        "formats": Counter(),
+    }
     for i, probe in enumerate(probes):
         if isinstance(probe, ImageProblem):
-            bad.append(BadRow(probe.reason, t["where"].iloc[i], probe.detail))
+            bad.append(BadRow(probe.reason, manifest.table["where"].iloc[i], probe.detail))
             continue
         ok[i] = True
         (w, h), mode, fmt = probe
-        sizes[f"{w}x{h}"] += 1
-        modes[mode] += 1
-        formats[fmt] += 1
-    good = t[ok]
-    ages = good["age"].to_numpy(dtype=np.float64)
+        counts["image_sizes"][f"{w}x{h}"] += 1
+        counts["modes"][mode] += 1
+        counts["formats"][fmt] += 1
+    return ok, counts
+
+
+def _age_summary(ages: np.ndarray) -> dict[str, float]:
+    if not len(ages):
+        return {}
+    return {
+        "min": float(ages.min()),
+        "max": float(ages.max()),
+        "mean": round(float(ages.mean()), 2),
+        "median": float(np.median(ages)),
+    }
+
+
+def _decade_histogram(ages: np.ndarray) -> dict[str, int]:
     histogram: dict[str, int] = {}
     if len(ages):
         for decade in range(math.floor(ages.max() / 10) + 1):
             lo = decade * 10
             histogram[f"{lo}-{lo + 9}"] = int(((ages >= lo) & (ages < lo + 10)).sum())
-    subjects = {s for s in good["subject"] if s}
-    return {
-        "source": source,
-        "path": str(manifest.origin),
-        "n_rows": manifest.n_rows,
-        "n_ok": int(ok.sum()),
-        "n_bad": len(bad),
-        "n_subjects": len(subjects),
-        "has_boxes": manifest.has_boxes,
-        "ages": {
-            "min": float(ages.min()),
-            "max": float(ages.max()),
-            "mean": round(float(ages.mean()), 2),
-            "median": float(np.median(ages)),
-        }
-        if len(ages)
-        else {},
-        "age_histogram": histogram,
-        "image_sizes": dict(sizes.most_common()),
-        "modes": dict(modes.most_common()),
-        "formats": dict(formats.most_common()),
-        "bad_rows": summarize_bad(bad),
-        "notes": list(manifest.notes),
-    }
+    return histogram
 
 
 def format_inspection(report: dict[str, Any], *, bar_width: int = 40, top_sizes: int = 8) -> str:

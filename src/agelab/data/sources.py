@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from agelab.data.images import BAD_BOX, CORRUPT_IMAGE, NOT_IMAGE, TRUNCATED_IMAGE
 from agelab.errors import DataError
 
-if TYPE_CHECKING:  # pandas is imported when a manifest is built: `import agelab.data` stays light
+if TYPE_CHECKING:  # pandas is imported when a manifest is built: importing this stays light
     import pandas as pd
 
 # ------------------------------------------------------------------------------ reasons
@@ -359,6 +359,39 @@ def _list_folder(root: Path) -> tuple[list[str], list[str]]:
     return sorted(files), sorted(dirs)
 
 
+def _no_images(
+    source: str,
+    root: Path,
+    names: list[str],
+    subdirs: list[str],
+    pattern: re.Pattern[str],
+    example: str,
+) -> DataError:
+    """The error for a folder where no file is named like the source's images: what was
+    found, and a subfolder that does hold such files, if there is one."""
+    found = ", ".join(names[:5]) + (" …" if len(names) > 5 else "") if names else "no files"
+    hint = ""
+    for d in subdirs:
+        try:
+            inner, _ = _list_folder(root / d)
+        except OSError:
+            continue
+        if any(pattern.match(n) for n in inner):
+            hint = f"; the subfolder {d}/ has {len(inner)} files — use data.path={root / d}"
+            break
+    return DataError(
+        f"no {source} images in {root}: expected names like {example} (found: {found}){hint}"
+    )
+
+
+def _append_file(cols: dict[str, list], where: str, real: str, st: os.stat_result) -> None:
+    """The bookkeeping columns of an accepted row (messages and the cache fingerprint)."""
+    cols["where"].append(where)
+    cols["file"].append(real)
+    cols["size"].append(st.st_size)
+    cols["mtime_ns"].append(st.st_mtime_ns)
+
+
 def _read_folder(
     source: str,
     path: Path,
@@ -374,19 +407,7 @@ def _read_folder(
     if not any(pattern.match(n) for n in names):
         # Nothing matches at all: almost certainly the wrong folder, so say where to look
         # instead of reporting every file as a bad row.
-        found = ", ".join(names[:5]) + (" …" if len(names) > 5 else "") if names else "no files"
-        hint = ""
-        for d in subdirs:
-            try:
-                inner, _ = _list_folder(root / d)
-            except OSError:
-                continue
-            if any(pattern.match(n) for n in inner):
-                hint = f"; the subfolder {d}/ has {len(inner)} files — use data.path={root / d}"
-                break
-        raise DataError(
-            f"no {source} images in {root}: expected names like {example} (found: {found}){hint}"
-        )
+        raise _no_images(source, root, names, subdirs, pattern, example)
     bad = BadRows(on_bad)
     checker = _FileChecker(root, bad)
     cols = _empty_table(False)
@@ -408,10 +429,7 @@ def _read_folder(
         cols["path"].append(name)
         cols["age"].append(age)
         cols["subject"].append(subject_of(m))
-        cols["where"].append(where)
-        cols["file"].append(real)
-        cols["size"].append(st.st_size)
-        cols["mtime_ns"].append(st.st_mtime_ns)
+        _append_file(cols, where, real, st)
     notes = [f"ignored {len(subdirs)} subfolder(s): {', '.join(subdirs[:5])}"] if subdirs else []
     return Manifest(source, root, root, _frame(cols), bad, len(names), False, notes)
 
@@ -523,29 +541,15 @@ def read_csv(path: str | Path, *, max_age: float = 120.0, on_bad: OnBad = "error
     ignored; extra columns are ignored; rows with fewer fields than the header are padded
     with empty cells, rows with more are bad (an unquoted comma in a path, usually).
     """
-    path = Path(path)
-    if path.is_dir():
-        csvs = sorted(p.name for p in path.glob("*.csv"))
-        hint = f"; it holds {', '.join(csvs)} — use data.path={path / csvs[0]}" if csvs else ""
-        raise DataError(f"csv source expects a manifest file, but {path} is a folder{hint}")
-    if not path.exists():
-        raise DataError(f"manifest {path} does not exist (check data.path)")
+    path = _require_manifest(Path(path))
     text = _decode_text(path)
-    root = path.parent
     reader = csv.reader(io.StringIO(text, newline=""))
-    header: list[str] = []
-    for row in reader:
-        if any(c.strip() for c in row):
-            header = row
-            break
-    header_line = reader.line_num
-    first_line = text.splitlines()[header_line - 1] if header_line else ""
+    header = _read_header(reader)
+    first_line = text.splitlines()[reader.line_num - 1] if reader.line_num else ""
     index = _check_header(path, header, first_line)
     has_boxes = "x" in index
-    has_subject = "subject" in index
-
     bad = BadRows(on_bad)
-    checker = _FileChecker(root, bad)
+    checker = _FileChecker(path.parent, bad)
     cols = _empty_table(has_boxes)
     n_rows = 0
     for row in reader:
@@ -553,44 +557,74 @@ def read_csv(path: str | Path, *, max_age: float = 120.0, on_bad: OnBad = "error
             continue  # blank line or ",,,"
         n_rows += 1
         where = f"{path} line {reader.line_num}"
-        if len(row) > len(header):
-            bad.add(
-                MALFORMED_ROW,
-                where,
-                f"{len(row)} fields but the header has {len(header)}: {','.join(row)!r}",
-            )
-            continue
-        row = row + [""] * (len(header) - len(row))
-        rel = row[index["path"]].strip()
-        if rel:
-            where = f"{where} ({rel})"
-        else:
-            bad.add(MISSING_PATH, where, "the path is empty")
-            continue
-        real = checker.check_location(rel, where)
-        if real is None:
-            continue
-        age = parse_age(row[index["age"]], where, bad, max_age=max_age, integer=False)
-        if age is None:
-            continue
-        box = _parse_box([row[index[c]] for c in BOX_COLUMNS], where, bad) if has_boxes else ()
-        if box is None:
-            continue
-        st = checker.check_file(real, rel, where)
-        if st is None:
-            continue
-        cols["path"].append(os.path.normpath(rel).replace(os.sep, "/"))
-        cols["age"].append(age)
-        cols["subject"].append(row[index["subject"]].strip() if has_subject else "")
-        for c, v in zip(BOX_COLUMNS, box, strict=False):
-            cols[c].append(v)
-        cols["where"].append(where)
-        cols["file"].append(real)
-        cols["size"].append(st.st_size)
-        cols["mtime_ns"].append(st.st_mtime_ns)
+        _csv_row(row, len(header), index, where, checker, cols, max_age=max_age)
     if n_rows == 0:
         raise DataError(f"{path} has a header but no rows")
-    return Manifest("csv", path, root, _frame(cols), bad, n_rows, has_boxes)
+    return Manifest("csv", path, path.parent, _frame(cols), bad, n_rows, has_boxes)
+
+
+def _require_manifest(path: Path) -> Path:
+    if path.is_dir():
+        csvs = sorted(p.name for p in path.glob("*.csv"))
+        hint = f"; it holds {', '.join(csvs)} — use data.path={path / csvs[0]}" if csvs else ""
+        raise DataError(f"csv source expects a manifest file, but {path} is a folder{hint}")
+    if not path.exists():
+        raise DataError(f"manifest {path} does not exist (check data.path)")
+    return path
+
+
+def _read_header(reader: Any) -> list[str]:
+    """The first non-blank row of a CSV reader (empty when there is none)."""
+    for row in reader:
+        if any(c.strip() for c in row):
+            return row
+    return []
+
+
+def _csv_row(
+    row: list[str],
+    n_header: int,
+    index: dict[str, int],
+    where: str,
+    checker: _FileChecker,
+    cols: dict[str, list],
+    *,
+    max_age: float,
+) -> None:
+    """Check one manifest row and append it to ``cols`` (bad rows go to ``checker.bad``)."""
+    bad = checker.bad
+    if len(row) > n_header:
+        bad.add(
+            MALFORMED_ROW,
+            where,
+            f"{len(row)} fields but the header has {n_header}: {','.join(row)!r}",
+        )
+        return
+    row = row + [""] * (n_header - len(row))
+    rel = row[index["path"]].strip()
+    if not rel:
+        bad.add(MISSING_PATH, where, "the path is empty")
+        return
+    where = f"{where} ({rel})"
+    real = checker.check_location(rel, where)
+    if real is None:
+        return
+    age = parse_age(row[index["age"]], where, bad, max_age=max_age, integer=False)
+    if age is None:
+        return
+    has_boxes = "x" in index
+    box = _parse_box([row[index[c]] for c in BOX_COLUMNS], where, bad) if has_boxes else ()
+    if box is None:
+        return
+    st = checker.check_file(real, rel, where)
+    if st is None:
+        return
+    cols["path"].append(os.path.normpath(rel).replace(os.sep, "/"))
+    cols["age"].append(age)
+    cols["subject"].append(row[index["subject"]].strip() if "subject" in index else "")
+    for c, v in zip(BOX_COLUMNS, box, strict=False):
+        cols[c].append(v)
+    _append_file(cols, where, real, st)
 
 
 # ----------------------------------------------------------------------------- registry

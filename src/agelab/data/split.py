@@ -16,14 +16,16 @@ smallest group of the largest split; fewer than three groups is an error.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from agelab.config import SplitConfig
 from agelab.data.dataset import SPLITS
-from agelab.data.sources import DataError
+from agelab.errors import DataError
+
+if TYPE_CHECKING:
+    from agelab.config import SplitConfig
 
 #: Warn when a split's share of the images is further than this from its target (only for
 #: datasets of at least MIN_IMAGES_TO_WARN images: tiny ones cannot be split finely).
@@ -54,6 +56,28 @@ def _groups(subjects: np.ndarray) -> tuple[np.ndarray, int]:
 
 def assign_splits(ages: np.ndarray, subjects: np.ndarray | None, cfg: SplitConfig) -> np.ndarray:
     """Split label ("train" | "calib" | "test") per image. Deterministic in ``cfg.seed``."""
+    ages, subjects = _check_inputs(ages, subjects)
+    n = len(ages)
+    group_of, n_groups = _groups(subjects)
+    if n_groups < len(SPLITS):
+        raise DataError(
+            f"cannot make train/calib/test splits from {n} image(s) in {n_groups} "
+            f"subject group(s): need at least {len(SPLITS)} (a subject stays in one split)"
+        )
+    sizes, bands = _group_sizes_and_bands(ages, group_of, n_groups, cfg.band_width)
+    rng = np.random.default_rng(cfg.seed)
+    shuffle = rng.permutation(n_groups)
+    # Visit order: band ascending, then size descending, then the seeded shuffle.
+    visit = np.lexsort((shuffle, -sizes, bands))
+    fracs = (cfg.train, cfg.calib, cfg.test)
+    group_split, counts = _largest_deficit(visit, sizes, fracs)
+    _fill_empty_splits(group_split, counts, sizes)
+    _warn_if_far(counts / n, np.array(fracs), n, n_groups)
+    labels = np.asarray(SPLITS)[group_split[group_of]]
+    return labels.astype("<U5")
+
+
+def _check_inputs(ages: np.ndarray, subjects: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     ages = np.asarray(ages, dtype=np.float64)
     n = len(ages)
     if subjects is None:
@@ -63,28 +87,28 @@ def assign_splits(ages: np.ndarray, subjects: np.ndarray | None, cfg: SplitConfi
         raise ValueError(f"{len(subjects)} subjects for {n} ages")
     if not np.all(np.isfinite(ages)):
         raise ValueError("ages must be finite to split")
-    group_of, n_groups = _groups(subjects)
-    if n_groups < len(SPLITS):
-        raise DataError(
-            f"cannot make train/calib/test splits from {n} image(s) in {n_groups} "
-            f"subject group(s): need at least {len(SPLITS)} (a subject stays in one split)"
-        )
+    return ages, subjects
 
-    # Per-group size and median age (vectorised: sort by group, then age; take the middle).
+
+def _group_sizes_and_bands(
+    ages: np.ndarray, group_of: np.ndarray, n_groups: int, band_width: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group size and age band (of the median age; vectorised: sort by group, then age,
+    and take the middle)."""
     order = np.lexsort((ages, group_of))
     sorted_ages = ages[order]
     sizes = np.bincount(group_of, minlength=n_groups)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     medians = (sorted_ages[starts + (sizes - 1) // 2] + sorted_ages[starts + sizes // 2]) / 2
-    bands = np.floor(medians / cfg.band_width).astype(np.int64)
+    return sizes, np.floor(medians / band_width).astype(np.int64)
 
-    rng = np.random.default_rng(cfg.seed)
-    shuffle = rng.permutation(n_groups)
-    # Visit order: band ascending, then size descending, then the seeded shuffle.
-    visit = np.lexsort((shuffle, -sizes, bands))
 
+def _largest_deficit(
+    visit: np.ndarray, sizes: np.ndarray, fracs: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each group, in visit order, to the split furthest below its target share so far.
+    Returns the split index per group and the image count per split."""
     # Plain Python floats in the loop: ~1 µs per group, where numpy would be ~20.
-    fracs = (cfg.train, cfg.calib, cfg.test)
     totals = [0, 0, 0]
     assigned = 0
     choices = []
@@ -97,12 +121,14 @@ def assign_splits(ages: np.ndarray, subjects: np.ndarray | None, cfg: SplitConfi
         choices.append(choice)
         totals[choice] += size
         assigned = after
-    group_split = np.empty(n_groups, dtype=np.int64)
+    group_split = np.empty(len(sizes), dtype=np.int64)
     group_split[visit] = choices
-    counts = np.array(totals, dtype=np.float64)
-    fractions = np.array(fracs)
+    return group_split, np.array(totals, dtype=np.float64)
 
-    # Very small inputs can leave a split empty: move the smallest group of the largest split.
+
+def _fill_empty_splits(group_split: np.ndarray, counts: np.ndarray, sizes: np.ndarray) -> None:
+    """Very small inputs can leave a split empty: move the smallest group of the largest
+    split there (in place on both arrays)."""
     for j in range(len(SPLITS)):
         if counts[j] > 0:
             continue
@@ -114,8 +140,8 @@ def assign_splits(ages: np.ndarray, subjects: np.ndarray | None, cfg: SplitConfi
         counts[donor] -= sizes[g]
         counts[j] += sizes[g]
 
-    labels = np.asarray(SPLITS)[group_split[group_of]]
-    shares = counts / n
+
+def _warn_if_far(shares: np.ndarray, fractions: np.ndarray, n: int, n_groups: int) -> None:
     far = [
         f"{name} {share:.2f} (wanted {want:.2f})"
         for name, share, want in zip(SPLITS, shares, fractions, strict=True)
@@ -126,9 +152,8 @@ def assign_splits(ages: np.ndarray, subjects: np.ndarray | None, cfg: SplitConfi
             f"split fractions are off: {', '.join(far)} — {n_groups} subject groups for {n} "
             "images are too few or too unequal to split finely",
             SplitWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return labels.astype("<U5")
 
 
 def split_summary(split: np.ndarray, ages: np.ndarray, subjects: np.ndarray) -> dict[str, Any]:

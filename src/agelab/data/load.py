@@ -1,0 +1,309 @@
+"""``load_dataset``: a ``DataConfig`` → the :class:`FaceDataset` every trial trains on.
+
+For a real source: read the manifest (:mod:`.sources`) → fingerprint the files and labels →
+load the decoded images from the cache or decode them (:mod:`.images`, thread pool) and cache
+them (:mod:`.cache`) → split (:mod:`.split`). For ``synthetic``: load from the cache or
+generate (:mod:`.synth`) and cache → split.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from agelab.data import synth
+from agelab.data.cache import (
+    CacheEntry,
+    CacheWarning,
+    entry_key,
+    fingerprint,
+    load_entry,
+    save_entry,
+)
+from agelab.data.dataset import FaceDataset
+from agelab.data.images import DECODER_VERSION, Box, ImageProblem, decode_many
+from agelab.data.sources import (
+    SOURCES,
+    BadRow,
+    Manifest,
+    format_bad_summary,
+    read_manifest,
+    summarize_bad,
+)
+from agelab.data.split import assign_splits, split_summary
+from agelab.errors import DataError
+
+if TYPE_CHECKING:
+    from agelab.config import DataConfig
+
+__all__ = ["load_dataset"]
+
+
+def load_dataset(cfg: DataConfig, *, progress: bool = True) -> FaceDataset:
+    """Build the dataset for ``cfg`` (see the module docstring). Raises :class:`DataError`."""
+    if cfg.source not in SOURCES:
+        raise DataError(f"unknown data source {cfg.source!r}; valid: {', '.join(SOURCES)}")
+    t0 = time.perf_counter()
+    if SOURCES[cfg.source].read is None:
+        data = _load_synthetic(cfg, progress)
+    else:
+        data = _load_real(cfg, progress)
+    data.info["seconds"] = round(time.perf_counter() - t0, 3)
+    return data
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _age_stats(ages: np.ndarray) -> dict[str, float]:
+    return {
+        "age_min": float(ages.min()),
+        "age_max": float(ages.max()),
+        "age_mean": round(float(ages.mean()), 3),
+    }
+
+
+def _try_save(cache_dir: Path, key: str, fp: str, arrays: dict, meta: dict) -> Path | None:
+    """Save a cache entry; a cache that cannot be written only costs speed, so warn."""
+    try:
+        return save_entry(cache_dir, key, fp, arrays, meta)
+    except OSError as exc:
+        warnings.warn(
+            f"agelab: could not write the data cache in {cache_dir}: {exc}",
+            CacheWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _finish(
+    cfg: DataConfig,
+    *,
+    images: np.ndarray,
+    ages: np.ndarray,
+    subjects: np.ndarray,
+    fp: str,
+    info: dict[str, Any],
+    true_ages: np.ndarray | None = None,
+    paths: np.ndarray | None = None,
+) -> FaceDataset:
+    """Split the arrays and wrap them, with the split and label summaries added to ``info``."""
+    split = assign_splits(ages, subjects, cfg.split)
+    info.update(_age_stats(ages))
+    info["n_images"] = len(ages)
+    info["n_subjects"] = len({s for s in subjects if s})
+    info["image_size"] = cfg.image_size
+    info["split"] = split_summary(split, ages, subjects)
+    info["split_seed"] = cfg.split.seed
+    return FaceDataset(
+        images=torch.from_numpy(np.ascontiguousarray(images)),
+        ages=ages.astype(np.float32),
+        subjects=subjects,
+        split=split,
+        fingerprint=fp,
+        source=cfg.source,
+        true_ages=true_ages,
+        paths=paths,
+        info=info,
+    )
+
+
+# -------------------------------------------------------------------------- synthetic
+
+
+def _generate_arrays(cfg: DataConfig, progress: bool) -> tuple[dict, dict]:
+    """Generate the synthetic faces; returns (arrays, meta) ready for the cache."""
+    faces = synth.generate(cfg.synthetic, cfg.image_size, progress=progress)
+    arrays = {
+        "images": np.ascontiguousarray(faces.images, dtype=np.uint8),
+        "ages": np.asarray(faces.ages, dtype=np.float32),
+        "true_ages": np.asarray(faces.true_ages, dtype=np.float32),
+        "subjects": np.asarray(faces.subjects, dtype=np.int64),
+    }
+    return arrays, {"noise_floor_mae": float(faces.noise_floor_mae)}
+
+
+def _load_synthetic(cfg: DataConfig, progress: bool) -> FaceDataset:
+    payload = {
+        "source": "synthetic",
+        "synthetic": cfg.synthetic.model_dump(mode="json"),
+        "image_size": cfg.image_size,
+        "generator_version": synth.VERSION,
+    }
+    fp = fingerprint(payload)
+    key = entry_key("synthetic", fp)
+    cache_dir = cfg.resolved_cache_dir()
+    entry = load_entry(cache_dir, key, fp)
+    if entry is not None:
+        arrays, meta, side = entry.arrays, entry.meta, entry.path
+    else:
+        arrays, meta = _generate_arrays(cfg, progress)
+        side = _try_save(cache_dir, key, fp, arrays, meta)
+    info: dict[str, Any] = {
+        "source": "synthetic",
+        "n_bad": 0,
+        "bad_rows": summarize_bad([]),
+        "noise_floor_mae": float(meta.get("noise_floor_mae", 0.0)),
+        "generator_version": payload["generator_version"],
+        "cache_hit": entry is not None,
+        "cache_file": str(side) if side else None,
+    }
+    return _finish(
+        cfg,
+        images=arrays["images"],
+        ages=arrays["ages"].astype(np.float32),
+        subjects=arrays["subjects"].astype(str),
+        true_ages=arrays["true_ages"].astype(np.float32),
+        fp=fp,
+        info=info,
+    )
+
+
+# ------------------------------------------------------------------------------- real
+
+
+def _boxes(manifest: Manifest) -> list[Box | None]:
+    if not manifest.has_boxes:
+        return [None] * len(manifest)
+    t = manifest.table
+    return [
+        None if np.isnan(x) else Box(float(x), float(y), float(w), float(h))
+        for x, y, w, h in zip(t["x"], t["y"], t["w"], t["h"], strict=True)
+    ]
+
+
+def _real_fingerprint(cfg: DataConfig, manifest: Manifest) -> str:
+    t = manifest.table
+    box_cols = ["x", "y", "w", "h"] if manifest.has_boxes else []
+    rows = t[["path", "size", "mtime_ns", "age", "subject", *box_cols]].astype(object)
+    return fingerprint(
+        {
+            "source": cfg.source,
+            "decoder": DECODER_VERSION,
+            "image_size": cfg.image_size,
+            "center_crop": cfg.center_crop,
+            # NaN (no box) is not JSON: repr() keeps every value exact and comparable.
+            "rows": [[repr(v) for v in row] for row in rows.itertuples(index=False)],
+        }
+    )
+
+
+def _top(counter: Counter, k: int = 8) -> dict[str, int]:
+    return dict(counter.most_common(k))
+
+
+def _decode_manifest(cfg: DataConfig, manifest: Manifest, progress: bool) -> tuple[dict, dict]:
+    """Decode every manifest row; returns (arrays, meta) ready for the cache."""
+    t = manifest.table
+    t0 = time.perf_counter()
+    try:
+        result = decode_many(
+            list(t["file"]),
+            cfg.image_size,
+            cfg.center_crop,
+            _boxes(manifest),
+            stop_at_first=cfg.on_bad == "error",
+            progress=progress,
+            desc=f"decoding {cfg.source} images",
+        )
+    except ImageProblem as exc:
+        where = t["where"].iloc[exc.index]  # type: ignore[attr-defined]
+        bad = BadRow(exc.reason, where, exc.detail)
+        raise DataError(bad.message(), reason=exc.reason, where=where) from None
+    sizes = Counter(f"{s[0]}x{s[1]}" for s in result.sizes if s is not None)
+    modes = Counter(m for m in result.modes if m is not None)
+    bad = [
+        {"index": int(i), "reason": p.reason, "where": t["where"].iloc[i], "detail": p.detail}
+        for i, p in sorted(result.problems.items())
+    ]
+    meta = {
+        "decode_bad": bad,
+        "original_sizes": _top(sizes),
+        "original_modes": _top(modes),
+        "decode_seconds": round(time.perf_counter() - t0, 3),
+    }
+    return {"images": result.images, "ok": result.ok}, meta
+
+
+def _cached_real(cfg: DataConfig, manifest: Manifest, key: str, fp: str) -> CacheEntry | None:
+    """The cache entry for these files, or None; raises for bad files under on_bad=error."""
+    entry = load_entry(cfg.resolved_cache_dir(), key, fp)
+    if entry is None or len(entry.arrays.get("ok", ())) != len(manifest):
+        return None  # a length mismatch cannot happen with a matching fingerprint; be safe
+    decode_bad = entry.meta.get("decode_bad", [])
+    if decode_bad and cfg.on_bad == "error":
+        # Built earlier under on_bad=skip: the same files are still bad.
+        first = BadRow(decode_bad[0]["reason"], decode_bad[0]["where"], decode_bad[0]["detail"])
+        raise DataError(first.message(), reason=first.reason, where=first.where)
+    return entry
+
+
+def _bad_rows(manifest: Manifest, meta: dict, ok: np.ndarray) -> list[BadRow]:
+    """Manifest and decoding problems together; raises when no image is usable, otherwise
+    prints the summary (the rows were skipped under on_bad=skip)."""
+    bad_rows = list(manifest.bad.rows) + [
+        BadRow(b["reason"], b["where"], b["detail"]) for b in meta.get("decode_bad", [])
+    ]
+    summary = summarize_bad(bad_rows)
+    if not ok.any():
+        raise DataError(
+            f"no usable images in {manifest.origin}: all {manifest.n_rows} row(s) are bad\n"
+            + format_bad_summary(summary, manifest.origin)
+        )
+    if bad_rows:
+        print(f"agelab: {format_bad_summary(summary, manifest.origin)}", file=sys.stderr)
+    return bad_rows
+
+
+def _real_info(
+    cfg: DataConfig, manifest: Manifest, meta: dict, bad_rows: list[BadRow]
+) -> dict[str, Any]:
+    return {
+        "source": cfg.source,
+        "path": str(manifest.origin),
+        "root": str(manifest.root),
+        "n_rows": manifest.n_rows,
+        "n_bad": len(bad_rows),
+        "bad_rows": summarize_bad(bad_rows),
+        "has_boxes": manifest.has_boxes,
+        "center_crop": cfg.center_crop,
+        "original_sizes": meta.get("original_sizes", {}),
+        "original_modes": meta.get("original_modes", {}),
+        "decode_seconds": meta.get("decode_seconds"),
+    }
+
+
+def _load_real(cfg: DataConfig, progress: bool) -> FaceDataset:
+    assert cfg.path is not None  # guaranteed by DataConfig validation
+    manifest = read_manifest(cfg.source, cfg.path, max_age=cfg.max_age, on_bad=cfg.on_bad)
+    fp = _real_fingerprint(cfg, manifest)
+    key = entry_key(cfg.source, fp)
+    entry = _cached_real(cfg, manifest, key, fp)
+    if entry is not None:
+        arrays, meta, side = entry.arrays, entry.meta, entry.path
+    else:
+        arrays, meta = _decode_manifest(cfg, manifest, progress)
+        side = _try_save(cfg.resolved_cache_dir(), key, fp, arrays, meta)
+    ok = np.asarray(arrays["ok"], dtype=bool)
+    bad_rows = _bad_rows(manifest, meta, ok)
+    info = _real_info(cfg, manifest, meta, bad_rows)
+    info["cache_hit"] = entry is not None
+    info["cache_file"] = str(side) if side else None
+    info["notes"] = manifest.notes
+    t = manifest.table[ok]
+    return _finish(
+        cfg,
+        images=arrays["images"],
+        ages=t["age"].to_numpy(dtype=np.float32),
+        subjects=np.asarray(t["subject"].tolist(), dtype=str),
+        paths=np.asarray(t["path"].tolist(), dtype=str),
+        fp=fp,
+        info=info,
+    )
