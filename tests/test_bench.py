@@ -14,6 +14,7 @@ import pytest
 
 from agelab import bench
 from agelab.bench import common, report
+from agelab.bench.data import bench_cache, bench_generate
 from agelab.bench.overhead import bench_tracking
 from agelab.bench.studies import bench_memory
 from agelab.bench.training import bench_training, naive_loader
@@ -124,6 +125,18 @@ def test_tracking_overhead_and_mlflow_callback(tmp_path: Path, no_mlflow_env, on
 ONE_CELL = {"model.norm": ["batch"], "model.act": ["relu"]}
 
 
+def test_bench_cache_small(tmp_path: Path):
+    out = bench_cache(n=64, size=16, workdir=tmp_path)
+    assert set(out) >= {"build_s", "reload_s", "decode_jpeg_s", "cache_mb"}
+    assert out["n"] == 64 and out["reload_s"] >= 0
+    assert list(tmp_path.iterdir()) == []  # its working folder is removed
+
+
+def test_bench_generate():
+    assert bench_generate(100, 32) > 0
+
+
+@pytest.mark.slow
 def test_memory_across_trials_in_one_worker_process(tmp_path: Path):
     mem = bench_memory(
         tmp_path, cache_dir=tmp_path / "cache", n_trials=2, verbose=False, space=ONE_CELL, **TINY

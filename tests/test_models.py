@@ -12,16 +12,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from agelab import models
+from agelab.errors import ModelError
 from agelab.losses import LOSSES, DexLoss, make_loss
 from agelab.models import (
     ACTS,
     NORMS,
     SUPPORTED_BACKBONES,
-    ModelError,
+    backbones,
     build_model,
     functional_activation_calls,
     resolve_backbone,
 )
+from agelab.models.acts import TRUNK_ACT_CLASSES, get_act
+from agelab.models.norms import (
+    InstanceNormSkipped,
+    LastDimNorm,
+    get_norm,
+    group_count,
+    norm_kind,
+)
+from agelab.models.weights import SkipInit
 
 IMG = 32
 NORM_LIST = list(NORMS)
@@ -67,11 +77,29 @@ def test_config_validators_use_the_registries():
             ModelConfig(**bad)
 
 
+def test_registry_entries_hold_their_facts_and_unknown_names_list_the_valid_ones():
+    with pytest.raises(ModelError, match="unknown norm 'batchnorm'; valid choices: batch, group"):
+        get_norm("batchnorm")
+    with pytest.raises(ModelError, match="unknown act 'swish'; valid choices: relu, leaky_relu"):
+        get_act("swish")
+    for name, norm in NORMS.items():
+        assert norm_kind(norm(16, 8)) == name  # an entry recognises what it builds
+    assert [name for name, norm in NORMS.items() if norm.adaptive] == [
+        "batch",
+        "group",
+        "layer",
+        "instance",
+    ]
+    for act in ACTS.values():
+        assert type(act()) is act.layer and act.gain > 0
+    assert ACTS["tanh"].gain == 5.0 / 3.0 and ACTS["relu"].gain == math.sqrt(2.0)
+
+
 def test_group_count_is_largest_divisor():
-    assert models._group_count(64, 8) == 8
-    assert models._group_count(36, 8) == 6
-    assert models._group_count(7, 8) == 7
-    assert models._group_count(13, 8) == 1
+    assert group_count(64, 8) == 8
+    assert group_count(36, 8) == 6
+    assert group_count(7, 8) == 7
+    assert group_count(13, 8) == 1
 
 
 # ------------------------------------------------------------------ every norm × act × net
@@ -103,12 +131,12 @@ def _assert_census_exact(model, census, norm: str, act: str) -> None:
     assert set(census["act_kinds"]) == {act}, census["act_kinds"]
     assert census["functional_activations"] == {}
     # The census is computed from the modules: cross-check it against a fresh walk.
-    n_norms = sum(models.norm_kind(m) is not None for m in model.backbone.modules())
+    n_norms = sum(norm_kind(m) is not None for m in model.backbone.modules())
     assert sum(census["norm_kinds"].values()) == n_norms > 0
-    n_acts = sum(isinstance(m, models.TRUNK_ACT_CLASSES) for m in model.backbone.modules())
+    n_acts = sum(isinstance(m, TRUNK_ACT_CLASSES) for m in model.backbone.modules())
     assert sum(census["act_kinds"].values()) == n_acts > 0
     # Anything left out by design is named in the census.
-    skipped = [m for m in model.modules() if isinstance(m, models.InstanceNormSkipped)]
+    skipped = [m for m in model.modules() if isinstance(m, InstanceNormSkipped)]
     assert len(skipped) == len(census["instance_norms_skipped"])
     if skipped:
         assert norm == "instance" and any("single position" in n for n in census["notes"])
@@ -165,7 +193,7 @@ def test_full_norm_act_product(norm):
 def test_swap_alone_reaches_everything(backbone, monkeypatch):
     """With no constructor keywords at all (as for an unknown timm family), the module swap
     by itself must produce the requested kinds."""
-    monkeypatch.setattr(models, "_FAMILY_NORM_CONVENTION", {})
+    monkeypatch.setattr(backbones, "FAMILIES", {})
     model, census = build_model(backbone, "group", "elu", img_size=IMG)
     assert census["built_with"] == []
     assert set(census["norm_kinds"]) == {"group"} and set(census["act_kinds"]) == {"elu"}
@@ -183,7 +211,7 @@ def test_gates_are_kept_and_counted():
 
 def test_vit_norm_applies_to_tokens():
     model, census = build_model("vit_tiny_patch16", "batch", "relu", img_size=IMG)
-    wrapped = [m for m in model.modules() if isinstance(m, models.LastDimNorm)]
+    wrapped = [m for m in model.modules() if isinstance(m, LastDimNorm)]
     assert len(wrapped) == census["norm_kinds"]["batch"] == 25  # 2 per block × 12 + final
     assert all(isinstance(m.norm, nn.BatchNorm2d) for m in wrapped)
     model, census = build_model("vit_tiny_patch16", "layer", "gelu", img_size=IMG)
@@ -248,7 +276,7 @@ def test_real_timm_model_with_functional_relu_is_rejected():
 
 def test_no_norm_init_uses_skipinit_on_residual_branches():
     model, census = build_model("resnet18", "none", "relu", img_size=IMG, seed=0)
-    gains = [m for m in model.modules() if isinstance(m, models.SkipInit)]
+    gains = [m for m in model.modules() if isinstance(m, SkipInit)]
     assert census["init"]["scheme"] == "no-norm"
     assert census["init"]["skipinit_gains"] == len(gains) == 8
     assert all(g.gain.item() == 0.0 for g in gains)
@@ -324,7 +352,7 @@ def test_pretrained_loads_local_file(tmp_path, suffix):
         "resnet10t", "frozen_batch", "relu", img_size=IMG, pretrained=True, weights=path
     )
     assert census["norm_kinds"] == {"frozen_batch": 14}
-    assert not any(isinstance(m, models.SkipInit) for m in frozen.modules())
+    assert not any(isinstance(m, SkipInit) for m in frozen.modules())
     src_bn = source.backbone.bn1
     assert torch.equal(frozen.backbone.bn1.running_var, src_bn.running_var)
     rebuilt, _ = models.rebuild_model(frozen.spec)

@@ -14,13 +14,13 @@ import torch
 from agelab import train as train_mod
 from agelab.config import AugmentConfig, SplitConfig, SynthConfig, TrainConfig
 from agelab.data.dataset import FaceDataset
+from agelab.errors import CheckpointError, TrainingDiverged
 from agelab.models import build_model
 from agelab.train import (
-    CheckpointError,
-    TrainingDiverged,
     augment_batch,
     fit,
     load_checkpoint,
+    param_groups,
     predict,
     save_checkpoint,
 )
@@ -252,7 +252,7 @@ def test_schedule_and_weight_decay_groups():
     assert [round(f(s, 4, 20), 3) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4, 4, 20) == 1.0 and f(12, 4, 20) == pytest.approx(0.5) and f(20, 4, 20) == 0.0
     model, _ = build_model("vit_tiny_patch16", "layer", "gelu", img_size=32)
-    decay, no_decay = train_mod._param_groups(model, 0.05)
+    decay, no_decay = param_groups(model, 0.05)
     assert all(p.ndim > 1 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
     ids = {id(p) for p in no_decay["params"]}
     assert id(model.backbone.pos_embed) in ids and id(model.backbone.cls_token) in ids

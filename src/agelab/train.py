@@ -44,12 +44,14 @@ from agelab.models import AgeRegressor, rebuild_model
 
 __all__ = [
     "Callback",
-    "CheckpointError",
     "FitResult",
-    "TrainingDiverged",
     "augment_batch",
     "fit",
+    "fused_adamw_ok",
+    "imagenet_stats",
     "load_checkpoint",
+    "make_optimizer",
+    "param_groups",
     "predict",
     "resolve_device",
     "save_checkpoint",
@@ -112,7 +114,8 @@ def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
     return (x - mean) / std
 
 
-def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as ``[1, 3, 1, 1]`` tensors on ``device`` (pixels in [0, 1])."""
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     return mean, std
@@ -151,7 +154,10 @@ def augment_batch(x: torch.Tensor, aug: Any, gen: torch.Generator | None = None)
     return x
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: ``weight_decay`` on matrices and kernels; none on params with
+    ``ndim <= 1`` (norm affine, biases, SkipInit/LayerScale gains) nor on those the backbone
+    lists in ``no_weight_decay()`` (ViT position/class embeddings)."""
     skip: set[str] = set()
     backbone = getattr(model, "backbone", None)
     if backbone is not None and hasattr(backbone, "no_weight_decay"):
@@ -167,9 +173,17 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
-def _fused_ok(device: torch.device) -> bool | None:
+def fused_adamw_ok(device: torch.device) -> bool | None:
     """Fused AdamW exists for CUDA and CPU tensors; elsewhere let torch choose."""
     return True if device.type in ("cuda", "cpu") else None
+
+
+def make_optimizer(model: nn.Module, cfg: Any, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` with ``cfg.lr`` / ``cfg.weight_decay`` (a
+    :class:`~agelab.config.TrainConfig`), fused where torch has it."""
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=fused_adamw_ok(device)
+    )
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -252,147 +266,56 @@ def fit(
             torch.set_num_threads(previous_threads)
 
 
+@dataclass
+class _Loop:
+    """What the epoch loop reads, set up once per :func:`fit` by :func:`_setup`."""
+
+    cfg: Any
+    model: AgeRegressor
+    net: nn.Module  # the model, compiled when cfg.compile
+    loss_fn: AgeLoss
+    device: torch.device
+    channels_last: bool
+    amp: torch.autocast
+    images: _Images
+    ages: torch.Tensor  # every image's age, on the device
+    train_ids: torch.Tensor
+    calib_ids: torch.Tensor
+    mean_px: torch.Tensor
+    std_px: torch.Tensor
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    params: list[nn.Parameter]
+    aug: Any  # the AugmentConfig, or None when augmentation is off
+    order_gen: torch.Generator  # data order (CPU)
+    aug_gen: torch.Generator  # augmentation draws (on the device)
+    steps: int  # per epoch
+    batch_size: int
+    warmup: int  # steps
+    total: int  # steps
+    global_step: int = 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
 def _fit(
     model: AgeRegressor, data: Any, cfg: Any, callbacks: Iterable[Callback], loss_name: str
 ) -> FitResult:
     t_start = time.perf_counter()
-    device = resolve_device(cfg.device)
-    cuda = device.type == "cuda"
-    seed_everything(cfg.seed)
-
-    train_idx, calib_idx = data.indices("train"), data.indices("calib")
-    if len(train_idx) < 2:
-        raise ValueError(f"the train split has {len(train_idx)} image(s); need at least 2")
-    if len(calib_idx) == 0:
-        raise ValueError("the calib split is empty: early stopping and model selection need it")
-    ages_np = np.asarray(data.ages, dtype=np.float32)
-    train_ages = ages_np[train_idx].astype(np.float64)
-    std = float(train_ages.std())
-    model.set_target_stats(float(train_ages.mean()), std if std > 1e-6 else 1.0)
-    loss_fn = _resolve_loss(model, loss_name, cfg)
-    model.loss = loss_fn
-
-    model.to(device)
-    channels_last = cuda and cfg.channels_last
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-    images = _Images(data.images, device)
-    ages = torch.from_numpy(ages_np).to(device)
-    train_ids = images.index_device(torch.from_numpy(train_idx))
-    calib_ids = torch.from_numpy(calib_idx)
-    mean_px, std_px = _stats(device)
-    net = torch.compile(model) if cfg.compile else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp)
-
-    opt = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=_fused_ok(device)
-    )
-    n_train, bs = len(train_idx), cfg.batch_size
-    # drop_last: a trailing batch of one image breaks BatchNorm (and skews the loss mean).
-    steps = max(1, n_train // bs) if n_train >= bs else 1
-    bs = min(bs, n_train)
-    total, warmup = steps * cfg.epochs, round(cfg.warmup_epochs * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
-    params = [p for p in model.parameters() if p.requires_grad]
-    aug = cfg.augment if cfg.augment.enabled else None
-
-    order_gen = torch.Generator().manual_seed(cfg.seed)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-
-    from tqdm.auto import tqdm
-
-    result = FitResult(device=str(device))
+    loop = _setup(model, data, cfg, loss_name)
+    result = FitResult(device=str(loop.device))
     best_state: dict[str, torch.Tensor] | None = None
-    since_best, global_step = 0, 0
+    since_best = 0
     train_seconds, train_images = 0.0, 0
-
     for epoch in range(1, cfg.epochs + 1):
-        t_epoch = time.perf_counter()
-        model.train()
-        order = train_ids[torch.randperm(n_train, generator=order_gen).to(train_ids.device)]
-        loss_sum = torch.zeros((), device=device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=device) if cuda else None
-        bar = tqdm(
-            total=steps,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            unit="batch",
-            disable=not cfg.progress,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for step in range(steps):
-            kill_point("train.step")
-            idx = order[step * bs : (step + 1) * bs]
-            x = images.take(idx).float().div_(255.0)
-            if aug is not None:
-                x = augment_batch(x, aug, aug_gen)
-            x = (x - mean_px) / std_px
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = ages[idx.to(device)]
-            with amp:
-                out = net(x)
-            loss = loss_fn(out.float(), y, model.age_mean, model.age_std)
-            if cuda:
-                # Record the first bad step on the device; read it only every N steps.
-                bad = ~torch.isfinite(loss)
-                first_bad = torch.where(bad & (first_bad < 0), global_step, first_bad)
-                if (step + 1) % NONFINITE_CHECK_EVERY == 0 or step + 1 == steps:
-                    _raise_if_bad(int(first_bad), epoch, steps, cfg.lr, warmup, total)
-            elif not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    epoch, step + 1, sched.get_last_lr()[0], f"loss {loss.item()}"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-            opt.step()
-            sched.step()
-            global_step += 1
-            loss_sum += loss.detach()
-            bar.update(1)
-        if cuda:
-            torch.cuda.synchronize(device)  # honest timing; the epoch-end read syncs anyway
-        seconds_train = time.perf_counter() - t_epoch
-        calib_mae_t = _calib_mae(
-            net,
-            model,
-            images,
-            calib_ids,
-            ages,
-            cfg.eval_batch_size,
-            mean_px,
-            std_px,
-            amp,
-            channels_last,
-        )
-        train_loss, calib_mae = torch.stack([loss_sum / steps, calib_mae_t]).tolist()
-        bar.set_postfix(loss=f"{train_loss:.4f}", calib_mae=f"{calib_mae:.3f}")
-        bar.close()
-        if not math.isfinite(calib_mae) or not math.isfinite(train_loss):
-            raise TrainingDiverged(
-                epoch,
-                steps,
-                sched.get_last_lr()[0],
-                f"non-finite epoch metrics (train loss {train_loss}, calib MAE {calib_mae})",
-            )
-
+        metrics, seconds_train = _epoch(loop, epoch)
         train_seconds += seconds_train
-        train_images += steps * bs
-        metrics = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "calib_mae": calib_mae,
-            "lr": sched.get_last_lr()[0],
-            "epoch_seconds": time.perf_counter() - t_epoch,
-            "images_per_second": steps * bs / max(seconds_train, 1e-9),
-        }
+        train_images += loop.steps * loop.batch_size
         result.history.append(metrics)
-        if calib_mae < result.best_calib_mae:
-            result.best_calib_mae, result.best_epoch, since_best = calib_mae, epoch, 0
+        if metrics["calib_mae"] < result.best_calib_mae:
+            result.best_calib_mae, result.best_epoch, since_best = metrics["calib_mae"], epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since_best += 1
@@ -409,6 +332,186 @@ def _fit(
     return result
 
 
+def _splits(data: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The train and calib indices; training needs two images and a calib split."""
+    train_idx, calib_idx = data.indices("train"), data.indices("calib")
+    if len(train_idx) < 2:
+        raise ValueError(f"the train split has {len(train_idx)} image(s); need at least 2")
+    if len(calib_idx) == 0:
+        raise ValueError("the calib split is empty: early stopping and model selection need it")
+    return train_idx, calib_idx
+
+
+def _prepare_model(
+    model: AgeRegressor, train_ages: np.ndarray, loss_name: str, cfg: Any, device: torch.device
+) -> tuple[AgeLoss, bool]:
+    """Attach the loss and the training-age statistics, move the model to ``device``; returns
+    the loss and whether batches go channels_last."""
+    train_ages = train_ages.astype(np.float64)
+    std = float(train_ages.std())
+    model.set_target_stats(float(train_ages.mean()), std if std > 1e-6 else 1.0)
+    loss_fn = _resolve_loss(model, loss_name, cfg)
+    model.loss = loss_fn
+    model.to(device)
+    channels_last = device.type == "cuda" and cfg.channels_last
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+    return loss_fn, channels_last
+
+
+def _steps_per_epoch(n_train: int, batch_size: int) -> tuple[int, int]:
+    """(steps, batch size): full batches only, or one batch of everything when there are
+    fewer images than a batch."""
+    # drop_last: a trailing batch of one image breaks BatchNorm (and skews the loss mean).
+    steps = max(1, n_train // batch_size) if n_train >= batch_size else 1
+    return steps, min(batch_size, n_train)
+
+
+def _setup(model: AgeRegressor, data: Any, cfg: Any, loss_name: str) -> _Loop:
+    """Seed everything, then data, model, optimiser and schedule on the device."""
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    train_idx, calib_idx = _splits(data)
+    ages_np = np.asarray(data.ages, dtype=np.float32)
+    loss_fn, channels_last = _prepare_model(model, ages_np[train_idx], loss_name, cfg, device)
+    images = _Images(data.images, device)
+    mean_px, std_px = imagenet_stats(device)
+    opt = make_optimizer(model, cfg, device)
+    steps, batch_size = _steps_per_epoch(len(train_idx), cfg.batch_size)
+    total, warmup = steps * cfg.epochs, round(cfg.warmup_epochs * steps)
+    return _Loop(
+        cfg=cfg,
+        model=model,
+        net=torch.compile(model) if cfg.compile else model,
+        loss_fn=loss_fn,
+        device=device,
+        channels_last=channels_last,
+        amp=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp),
+        images=images,
+        ages=torch.from_numpy(ages_np).to(device),
+        train_ids=images.index_device(torch.from_numpy(train_idx)),
+        calib_ids=torch.from_numpy(calib_idx),
+        mean_px=mean_px,
+        std_px=std_px,
+        opt=opt,
+        sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total)),
+        params=[p for p in model.parameters() if p.requires_grad],
+        aug=cfg.augment if cfg.augment.enabled else None,
+        order_gen=torch.Generator().manual_seed(cfg.seed),
+        aug_gen=torch.Generator(device=device).manual_seed(cfg.seed + 1),
+        steps=steps,
+        batch_size=batch_size,
+        warmup=warmup,
+        total=total,
+    )
+
+
+def _epoch(loop: _Loop, epoch: int) -> tuple[dict[str, float], float]:
+    """Train one epoch, then measure the calib MAE; returns the epoch's metrics and the
+    seconds its training steps took."""
+    t_epoch = time.perf_counter()
+    bar = _progress_bar(loop, epoch)
+    loss_sum = _train_steps(loop, epoch, bar)
+    if loop.cuda:
+        torch.cuda.synchronize(loop.device)  # honest timing; the epoch-end read syncs anyway
+    seconds_train = time.perf_counter() - t_epoch
+    calib_mae_t = _calib_mae(loop)
+    # One read of both numbers: the only sync of the epoch on CUDA.
+    train_loss, calib_mae = torch.stack([loss_sum / loop.steps, calib_mae_t]).tolist()
+    bar.set_postfix(loss=f"{train_loss:.4f}", calib_mae=f"{calib_mae:.3f}")
+    bar.close()
+    if not math.isfinite(calib_mae) or not math.isfinite(train_loss):
+        raise TrainingDiverged(
+            epoch,
+            loop.steps,
+            loop.sched.get_last_lr()[0],
+            f"non-finite epoch metrics (train loss {train_loss}, calib MAE {calib_mae})",
+        )
+    metrics = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "calib_mae": calib_mae,
+        "lr": loop.sched.get_last_lr()[0],
+        "epoch_seconds": time.perf_counter() - t_epoch,
+        "images_per_second": loop.steps * loop.batch_size / max(seconds_train, 1e-9),
+    }
+    return metrics, seconds_train
+
+
+def _progress_bar(loop: _Loop, epoch: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=loop.steps,
+        desc=f"epoch {epoch}/{loop.cfg.epochs}",
+        unit="batch",
+        disable=not loop.cfg.progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def _train_steps(loop: _Loop, epoch: int, bar: Any) -> torch.Tensor:
+    """The training steps of one epoch; returns the summed loss, left on the device."""
+    loop.model.train()
+    n_train, bs = len(loop.train_ids), loop.batch_size
+    order = loop.train_ids[
+        torch.randperm(n_train, generator=loop.order_gen).to(loop.train_ids.device)
+    ]
+    loss_sum = torch.zeros((), device=loop.device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=loop.device) if loop.cuda else None
+    for step in range(loop.steps):
+        kill_point("train.step")
+        x, y = _get_batch(loop, order[step * bs : (step + 1) * bs])
+        with loop.amp:
+            out = loop.net(x)
+        loss = loop.loss_fn(out.float(), y, loop.model.age_mean, loop.model.age_std)
+        first_bad = _check_finite(loop, loss, first_bad, epoch, step)
+        _optimizer_step(loop, loss)
+        loop.global_step += 1
+        loss_sum += loss.detach()
+        bar.update(1)
+    return loss_sum
+
+
+def _get_batch(loop: _Loop, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (augmented, normalised, in the model's memory format) and ages of ``idx``."""
+    x = loop.images.take(idx).float().div_(255.0)
+    if loop.aug is not None:
+        x = augment_batch(x, loop.aug, loop.aug_gen)
+    x = (x - loop.mean_px) / loop.std_px
+    if loop.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, loop.ages[idx.to(loop.device)]
+
+
+def _check_finite(
+    loop: _Loop, loss: torch.Tensor, first_bad: torch.Tensor | None, epoch: int, step: int
+) -> torch.Tensor | None:
+    """Raise :class:`TrainingDiverged` at a non-finite loss. On CUDA the first bad step is
+    recorded on the device and read only every ``NONFINITE_CHECK_EVERY`` steps (each read is a
+    sync); on CPU every step is checked (CPU ops are synchronous anyway)."""
+    if loop.cuda:
+        bad = ~torch.isfinite(loss)
+        first_bad = torch.where(bad & (first_bad < 0), loop.global_step, first_bad)
+        if (step + 1) % NONFINITE_CHECK_EVERY == 0 or step + 1 == loop.steps:
+            _raise_if_bad(int(first_bad), epoch, loop.steps, loop.cfg.lr, loop.warmup, loop.total)
+    elif not torch.isfinite(loss):
+        raise TrainingDiverged(epoch, step + 1, loop.sched.get_last_lr()[0], f"loss {loss.item()}")
+    return first_bad
+
+
+def _optimizer_step(loop: _Loop, loss: torch.Tensor) -> None:
+    loop.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if loop.cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(loop.params, loop.cfg.grad_clip, foreach=True)
+    loop.opt.step()
+    loop.sched.step()
+
+
 def _raise_if_bad(
     first_bad: int, epoch: int, steps: int, base_lr: float, warmup: int, total: int
 ) -> None:
@@ -419,31 +522,22 @@ def _raise_if_bad(
 
 
 @torch.inference_mode()
-def _calib_mae(
-    net: nn.Module,
-    model: AgeRegressor,
-    images: _Images,
-    ids: torch.Tensor,
-    ages: torch.Tensor,
-    batch_size: int,
-    mean_px: torch.Tensor,
-    std_px: torch.Tensor,
-    amp: torch.autocast,
-    channels_last: bool,
-) -> torch.Tensor:
-    """MAE in years over ``ids``, accumulated on the device (no sync)."""
-    model.eval()
-    ids = images.index_device(ids)
+def _calib_mae(loop: _Loop) -> torch.Tensor:
+    """MAE in years over the calib split, accumulated on the device (no sync)."""
+    loop.model.eval()
+    ids = loop.images.index_device(loop.calib_ids)
+    ages = loop.ages
     total = torch.zeros((), device=ages.device)
+    batch_size = loop.cfg.eval_batch_size
     for start in range(0, len(ids), batch_size):
         idx = ids[start : start + batch_size]
-        x = _normalise(images.take(idx), mean_px, std_px)
-        if channels_last:
+        x = _normalise(loop.images.take(idx), loop.mean_px, loop.std_px)
+        if loop.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with amp:
-            out = net(x)
-        total += (model.to_age(out.float()) - ages[idx.to(ages.device)]).abs().sum()
-    model.train()
+        with loop.amp:
+            out = loop.net(x)
+        total += (loop.model.to_age(out.float()) - ages[idx.to(ages.device)]).abs().sum()
+    loop.model.train()
     return total / max(1, len(ids))
 
 
@@ -471,7 +565,7 @@ def predict(
         )
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     model.to(dev)
-    mean_px, std_px = _stats(dev)
+    mean_px, std_px = imagenet_stats(dev)
     was_training = model.training
     model.eval()
     outs = []

@@ -9,9 +9,8 @@ the thread count. What is measured, each in its own module:
    fp32 / bf16 / channels_last / ``torch.compile`` variants;
 2. tracking overhead (:mod:`.overhead`): share of a real trial's wall time spent in MLflow
    calls (goal ≤ 2 %), and the same trial logged by optuna-integration's ``MLflowCallback``;
-3. data: synthetic generation, cache build and reload vs decoding the same JPEG files
-   (:func:`agelab.data.synth.bench_generate`, :func:`agelab.data.cache.bench_cache`;
-   reload goal < 1 s for 10,000 images at 64 px);
+3. data (:mod:`.data`): synthetic generation, cache build and reload vs decoding the same
+   JPEG files (reload goal < 1 s for 10,000 images at 64 px);
 4. study throughput (:mod:`.studies`): trials per hour with 1 and 2 workers, the scaling;
 5. memory (:mod:`.studies`): peak RSS across 20 consecutive trials in one worker (goal:
    growth ≤ 5 % after the first trial).
@@ -32,9 +31,24 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from agelab.bench import report
+from agelab.bench.common import (
+    bench_config,
+    captured,
+    cpu_seconds,
+    load_average,
+    machine,
+    others_load,
+    say,
+)
+from agelab.bench.data import bench_cache, bench_generate
+from agelab.bench.overhead import bench_tracking
 from agelab.bench.training import bench_fit_vs_bare, bench_gpu_variants, bench_training
 
 __all__ = ["FULL", "QUICK", "bench_fit_vs_bare", "bench_gpu_variants", "bench_training", "main"]
@@ -88,28 +102,6 @@ FULL: dict[str, Any] = {
 
 def main(quick: bool = False, out_dir: Path = Path("bench")) -> int:
     """Run every benchmark, print the table, write ``results.json`` / ``results.md``."""
-    import torch
-
-    from agelab.bench import report
-    from agelab.bench.common import (
-        bench_config,
-        captured,
-        cpu_seconds,
-        load_average,
-        machine,
-        others_load,
-        say,
-    )
-    from agelab.bench.overhead import bench_tracking
-    from agelab.bench.studies import (
-        bench_memory,
-        bench_study_throughput,
-        memory_summary,
-        say_memory,
-    )
-    from agelab.data.cache import bench_cache
-    from agelab.data.synth import bench_generate
-
     plan = QUICK if quick else FULL
     out_dir = Path(out_dir)
     logs = out_dir / "logs"
@@ -125,78 +117,15 @@ def main(quick: bool = False, out_dir: Path = Path("bench")) -> int:
         "machine": machine(),
         "load_average": {"start": load_average()},
         "plan": plan,
+        "section_seconds": {},
     }
-    seconds: dict[str, float] = {}
-    results["section_seconds"] = seconds
-
-    @contextlib.contextmanager
-    def section(name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            seconds[name] = round(time.perf_counter() - t0, 1)
-
     m = results["machine"]
     say(
-        f"agelab bench{' --quick' if quick else ''}: {m['cpu']}, {m['cpu_count']} cores, "
+        f"{results['command']}: {m['cpu']}, {m['cpu_count']} cores, "
         f"{m['torch_threads']} torch threads, device {m['gpu'] or 'cpu'} (logs in {logs})"
     )
     with tempfile.TemporaryDirectory(prefix="agelab-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        cache_dir = tmp / "data-cache"
-
-        # 1. training throughput
-        results["training"] = []
-        with section("training"), captured(logs / "training.log"):
-            for spec in plan["training"]:
-                results["training"].append(bench_training(**spec))
-            if torch.cuda.is_available():
-                results["gpu"] = bench_gpu_variants(**plan["gpu"])
-
-        # 3. data (before the studies: its 10,000-image working set is the largest)
-        n = plan["data_n"]
-        with section("data"), captured(logs / "data.log"):
-            ips = bench_generate(n=n, size=64)
-            results["synthetic"] = {"n": n, "size": 64, "images_per_second": ips}
-            say(f"synthetic generation: {ips:.0f} images/s ({n:,} at 64px)")
-            results["cache"] = cache = bench_cache(n=n, size=64, workdir=tmp)
-            say(
-                f"cache: build {cache['build_s']:.2f} s, dataset load from cache "
-                f"{cache['dataset_reload_s']:.2f} s vs decoding the JPEGs "
-                f"{cache['decode_jpeg_s']:.2f} s"
-            )
-
-        # 2. tracking overhead
-        with section("tracking"), captured(logs / "tracking.log"):
-            cfg = bench_config(
-                tmp / "tracking", "bench-tracking", cache_dir=cache_dir, **plan["tracking"]
-            )
-            results["tracking"] = bench_tracking(cfg, tmp / "tracking")
-
-        # 4. study throughput
-        with section("study_throughput"), captured(logs / "throughput.log"):
-            results["study_throughput"] = th = bench_study_throughput(
-                tmp / "throughput",
-                cache_dir=cache_dir,
-                log=logs / "throughput-runs.log",
-                **plan["throughput"],
-            )
-
-        # 5. memory across trials (quick: the one-worker throughput run's trials)
-        if plan["memory"] is None:
-            results["memory"] = memory_summary(th["runs"][0]["per_trial"], th["config"])
-            say_memory(results["memory"])
-        else:
-            with section("memory"), captured(logs / "memory.log"):
-                results["memory"] = bench_memory(
-                    tmp / "memory",
-                    cache_dir=cache_dir,
-                    n_trials=plan["memory_trials"],
-                    log=logs / "memory-run.log",
-                    **plan["memory"],
-                )
-
+        _run_sections(plan, results, Path(tmp_name), logs)
     results["seconds"] = time.perf_counter() - t_start
     results["load_average"]["end"] = load_average()
     results["others_load_cores"] = others_load(cpu0, results["seconds"])
@@ -209,6 +138,75 @@ def main(quick: bool = False, out_dir: Path = Path("bench")) -> int:
     say(md.rstrip())
     say(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
     return 0
+
+
+@contextlib.contextmanager
+def _section(results: dict[str, Any], name: str, log: Path) -> Iterator[None]:
+    """Time a section into ``results["section_seconds"]`` and send its output to ``log``."""
+    t0 = time.perf_counter()
+    try:
+        with captured(log):
+            yield
+    finally:
+        results["section_seconds"][name] = round(time.perf_counter() - t0, 1)
+
+
+def _run_sections(plan: dict[str, Any], results: dict[str, Any], tmp: Path, logs: Path) -> None:
+    """The benchmarks of ``plan``, in an order that keeps the largest working set (the data
+    rows) away from the studies; their results go into ``results``."""
+    # Imported here: ``python -m agelab.bench.studies`` (the study process) imports this
+    # package first, and runpy warns when the package has already imported that module.
+    from agelab.bench.studies import (
+        bench_memory,
+        bench_study_throughput,
+        memory_summary,
+        say_memory,
+    )
+
+    cache_dir = tmp / "data-cache"
+    with _section(results, "training", logs / "training.log"):
+        results["training"] = [bench_training(**spec) for spec in plan["training"]]
+        if torch.cuda.is_available():
+            results["gpu"] = bench_gpu_variants(**plan["gpu"])
+    with _section(results, "data", logs / "data.log"):
+        results.update(_data_rows(plan["data_n"], tmp))
+    with _section(results, "tracking", logs / "tracking.log"):
+        cfg = bench_config(
+            tmp / "tracking", "bench-tracking", cache_dir=cache_dir, **plan["tracking"]
+        )
+        results["tracking"] = bench_tracking(cfg, tmp / "tracking")
+    with _section(results, "study_throughput", logs / "throughput.log"):
+        results["study_throughput"] = th = bench_study_throughput(
+            tmp / "throughput",
+            cache_dir=cache_dir,
+            log=logs / "throughput-runs.log",
+            **plan["throughput"],
+        )
+    if plan["memory"] is None:  # quick: the one-worker throughput run's trials
+        results["memory"] = memory_summary(th["runs"][0]["per_trial"], th["config"])
+        say_memory(results["memory"])
+        return
+    with _section(results, "memory", logs / "memory.log"):
+        results["memory"] = bench_memory(
+            tmp / "memory",
+            cache_dir=cache_dir,
+            n_trials=plan["memory_trials"],
+            log=logs / "memory-run.log",
+            **plan["memory"],
+        )
+
+
+def _data_rows(n: int, workdir: Path) -> dict[str, Any]:
+    """Synthetic generation and the cache, ``n`` images at 64 px."""
+    ips = bench_generate(n=n, size=64)
+    say(f"synthetic generation: {ips:.0f} images/s ({n:,} at 64px)")
+    cache = bench_cache(n=n, size=64, workdir=workdir)
+    say(
+        f"cache: build {cache['build_s']:.2f} s, dataset load from cache "
+        f"{cache['dataset_reload_s']:.2f} s vs decoding the JPEGs "
+        f"{cache['decode_jpeg_s']:.2f} s"
+    )
+    return {"synthetic": {"n": n, "size": 64, "images_per_second": ips}, "cache": cache}
 
 
 def notes(results: dict[str, Any]) -> list[str]:

@@ -2,9 +2,9 @@
 trial logged by optuna-integration's ``MLflowCallback`` instead.
 
 agelab side: one trial of a (shrunk) demo study run by a :class:`agelab.study.Worker` in a
-throw-away store; every MLflow call goes through :meth:`agelab.tracking.Tracker._call`, which
-counts calls and their wall time (``Tracker.calls`` / ``Tracker.call_seconds``). The trial
-wall time is the worker's: take the trial from the queue → fit → evaluate → record → tell.
+throw-away store; the :class:`agelab.tracking.Tracker` counts every MLflow call it makes and
+their wall time (``Tracker.calls`` / ``Tracker.call_seconds``). The trial wall time is the
+worker's: take the trial from the queue → fit → evaluate → record → tell.
 
 Baseline: the same cell, data and training config run by a plain ``optuna.Study.optimize``
 whose objective builds the model, fits it and returns the calib MAE, with
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def agelab_trial_overhead(cfg) -> dict[str, Any]:
     plan(study, cfg)
     parent = tracker.start_run(f"{cfg.name} (bench)", tags={TAG_KIND: "study"})
     worker = Worker(cfg, parent, quiet=True)
-    worker._data(cfg)  # a worker loads its data once, before its first trial
+    worker.dataset(cfg)  # a worker loads its data once, before its first trial
     calls0, seconds0 = worker.tracker.calls, worker.tracker.call_seconds
     t0 = time.perf_counter()
     outcomes = worker.loop(1)
@@ -90,45 +91,21 @@ def mlflow_callback_overhead(cfg, params: dict[str, Any], root: Path) -> dict[st
     optuna-integration's ``MLflowCallback`` in a SQLite store under ``root``."""
     import optuna
     from mlflow.tracking import MlflowClient
-    from optuna_integration import MLflowCallback
 
-    from agelab.data import load_dataset
-    from agelab.objective import build_trial_model
-    from agelab.train import fit, predict
+    from agelab.data.load import load_dataset
 
     uri = empty_store(root / "mlflow.db")
     name = f"{cfg.name}-callback"
     client = MlflowClient(uri)
     client.create_experiment(name, artifact_location=(root / "artifacts").resolve().as_uri())
-    data = load_dataset(cfg.data, progress=False)
-    calib = data.indices("calib")
-    seed_key = "seed"
-
-    def objective(trial: optuna.Trial) -> float:
-        chosen = {k: trial.suggest_categorical(k, list(v)) for k, v in cfg.search.space.items()}
-        seed = trial.suggest_categorical(seed_key, list(cfg.search.seeds))
-        cfg_t = cfg.with_params(chosen | {"train.seed": seed})
-        model, _ = build_trial_model(cfg_t, data.image_size)
-        fit(model, data, cfg_t.train)
-        pred = predict(model, data.images[calib], batch_size=cfg_t.train.eval_batch_size)
-        return float(np.mean(np.abs(pred.astype(np.float64) - data.ages[calib])))
-
-    with warnings.catch_warnings():  # deprecated since optuna-integration 4.9: said in the table
-        warnings.simplefilter("ignore", FutureWarning)
-        callback = MLflowCallback(tracking_uri=uri, metric_name="calib_mae")
-    spent: list[float] = []
-
-    def timed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        t = time.perf_counter()
-        callback(study, trial)
-        spent.append(time.perf_counter() - t)
-
+    objective = _plain_objective(cfg, load_dataset(cfg.data, progress=False))
+    callback, spent = _timed_mlflow_callback(uri)
     with mlflow_global_uri(uri):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(study_name=name, direction="minimize")
         study.enqueue_trial(params)
         t0 = time.perf_counter()
-        study.optimize(objective, n_trials=1, callbacks=[timed])
+        study.optimize(objective, n_trials=1, callbacks=[callback])
         wall = time.perf_counter() - t0
     if study.trials[0].state.name != "COMPLETE":
         raise RuntimeError("the MLflowCallback trial did not complete")
@@ -140,6 +117,45 @@ def mlflow_callback_overhead(cfg, params: dict[str, Any], root: Path) -> dict[st
         "share": sum(spent) / wall,
         "records": run_records(client, runs[0].info.run_id),
     }
+
+
+def _plain_objective(cfg, data) -> Callable[[Any], float]:
+    """The objective of optuna-examples: suggest the cell and seed, build, fit, return the
+    calib MAE."""
+    from agelab.objective import build_trial_model
+    from agelab.study import SEED_PARAM
+    from agelab.train import fit, predict
+
+    calib = data.indices("calib")
+
+    def objective(trial) -> float:
+        chosen = {k: trial.suggest_categorical(k, list(v)) for k, v in cfg.search.space.items()}
+        seed = trial.suggest_categorical(SEED_PARAM, list(cfg.search.seeds))
+        cfg_t = cfg.with_params(chosen | {"train.seed": seed})
+        model, _ = build_trial_model(cfg_t, data.image_size)
+        fit(model, data, cfg_t.train)
+        pred = predict(model, data.images[calib], batch_size=cfg_t.train.eval_batch_size)
+        return float(np.mean(np.abs(pred.astype(np.float64) - data.ages[calib])))
+
+    return objective
+
+
+def _timed_mlflow_callback(uri: str) -> tuple[Callable[[Any, Any], None], list[float]]:
+    """optuna-integration's ``MLflowCallback`` logging to ``uri``, wrapped to add its wall
+    time per call to the returned list."""
+    from optuna_integration import MLflowCallback
+
+    with warnings.catch_warnings():  # deprecated since optuna-integration 4.9: said in the table
+        warnings.simplefilter("ignore", FutureWarning)
+        callback = MLflowCallback(tracking_uri=uri, metric_name="calib_mae")
+    spent: list[float] = []
+
+    def timed(study, trial) -> None:
+        t = time.perf_counter()
+        callback(study, trial)
+        spent.append(time.perf_counter() - t)
+
+    return timed, spent
 
 
 def bench_tracking(cfg, root: Path, *, verbose: bool = True) -> dict[str, Any]:

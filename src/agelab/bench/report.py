@@ -22,27 +22,38 @@ def _status(ok: bool) -> str:
     return PASS if ok else MISS
 
 
+def _row(section, benchmark, agelab="", baseline="", ratio="", goal="", met=INFO) -> dict:
+    return dict(zip(COLUMNS, (section, benchmark, agelab, baseline, ratio, goal, met), strict=True))
+
+
 def rows(results: dict[str, Any]) -> list[dict[str, str]]:
-    """The table rows of a results dict written by :func:`agelab.bench.main`."""
-    out: list[dict[str, str]] = []
-
-    def add(section, benchmark, agelab="", baseline="", ratio="", goal="", met=INFO):
-        out.append(
-            {
-                "#": section,
-                "benchmark": benchmark,
-                "agelab": agelab,
-                "baseline": baseline,
-                "ratio": ratio,
-                "goal": goal,
-                "met": met,
-            }
-        )
-
+    """The table rows of a results dict written by :func:`agelab.bench.main`, in the order of
+    its sections (1 training, 2 tracking, 3 data, 4 study throughput, 5 memory)."""
     cuda = results["machine"]["device"] == "cuda"
+    out: list[dict[str, str]] = []
     for t in results.get("training", []):
-        what = f"{t['backbone']} {t['image_size']}px, batch {t['batch_size']}, {t['n_images']} img"
-        add(
+        out += _training_rows(t, cuda)
+    out += [_gpu_row(g) for g in results.get("gpu", [])]
+    if results.get("tracking"):
+        out += _tracking_rows(results["tracking"])
+    if results.get("synthetic"):
+        syn = results["synthetic"]
+        what = f"synthetic faces, {syn['n']:,} at {syn['size']}px (img/s)"
+        out.append(_row("3", what, f"{syn['images_per_second']:.0f}"))
+    if results.get("cache"):
+        out += _cache_rows(results["cache"])
+    th = results.get("study_throughput")
+    if th and len(th["runs"]) > 1:
+        out.append(_throughput_row(th))
+    if results.get("memory"):
+        out += _memory_rows(results["memory"])
+    return out
+
+
+def _training_rows(t: dict[str, Any], cuda: bool) -> list[dict[str, str]]:
+    what = f"{t['backbone']} {t['image_size']}px, batch {t['batch_size']}, {t['n_images']} img"
+    out = [
+        _row(
             "1",
             f"training img/s, {what}: `fit` vs bare loop",
             _ips(t["fit_images_per_second"]),
@@ -51,14 +62,16 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
             "≥ 0.90",
             _status(t["ratio_best"] >= 0.90),
         )
-        if "naive_ratio" in t:
-            nv = t["naive"]
-            files = (
-                "files at the training size"
-                if nv["source_size"] == t["image_size"]
-                else f"{nv['source_size']}px files"
-            )
-            add(
+    ]
+    if "naive_ratio" in t:
+        nv = t["naive"]
+        files = (
+            "files at the training size"
+            if nv["source_size"] == t["image_size"]
+            else f"{nv['source_size']}px files"
+        )
+        out.append(
+            _row(
                 "1",
                 f"training img/s, {what}: `fit` vs naive pipeline (PIL, {files}, DataLoader "
                 f"{nv['workers']} workers, `.item()` + `mlflow.log_metric` per step)",
@@ -68,20 +81,30 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
                 "report (GPU)" if cuda else "≥ 3× (CPU)",
                 INFO if cuda else _status(t["naive_ratio_best"] >= 3.0),
             )
-    for g in results.get("gpu", []):
-        add(
-            "1",
-            f"GPU {g['variant']}, {g['backbone']} {g['image_size']}px batch {g['batch_size']}: "
-            "`fit` img/s vs bare loop (bf16 + channels_last)",
-            _ips(g["fit_images_per_second"]),
-            _ips(g["bare_images_per_second"]),
-            _ratio(g["fraction_of_bare_best"], g["fraction_of_bare"]),
-            "report",
         )
-    tr = results.get("tracking")
-    if tr:
-        a, c = tr["agelab"], tr["mlflow_callback"]
-        add(
+    return out
+
+
+def _gpu_row(g: dict[str, Any]) -> dict[str, str]:
+    return _row(
+        "1",
+        f"GPU {g['variant']}, {g['backbone']} {g['image_size']}px batch {g['batch_size']}: "
+        "`fit` img/s vs bare loop (bf16 + channels_last)",
+        _ips(g["fit_images_per_second"]),
+        _ips(g["bare_images_per_second"]),
+        _ratio(g["fraction_of_bare_best"], g["fraction_of_bare"]),
+        "report",
+    )
+
+
+def _tracking_rows(tr: dict[str, Any]) -> list[dict[str, str]]:
+    a, c = tr["agelab"], tr["mlflow_callback"]
+    fmt = (
+        "{params} params, {metric_keys} metrics ({metric_values} values), {tags} tags, "
+        "{artifacts} artifacts"
+    )
+    return [
+        _row(
             "2",
             f"MLflow share of a trial's wall time (one trial: {tr['config']}): agelab vs "
             "optuna-integration `MLflowCallback`",
@@ -91,28 +114,22 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
             "",
             "≤ 2 %",
             _status(a["share"] <= 0.02),
-        )
-        ra, rc = a["records"], c["records"]
-        fmt = "{params} params, {metric_keys} metrics ({metric_values} values), {tags} tags, {artifacts} artifacts"  # noqa: E501
-        add(
+        ),
+        _row(
             "2",
             "what that trial records in MLflow",
-            fmt.format(**ra),
-            fmt.format(**rc),
-        )
-    syn = results.get("synthetic")
-    if syn:
-        add(
-            "3",
-            f"synthetic faces, {syn['n']:,} at {syn['size']}px (img/s)",
-            f"{syn['images_per_second']:.0f}",
-        )
-    ca = results.get("cache")
-    if ca:
-        n = ca["n"]
-        goal_s = 1.0 * n / 10_000
-        add("3", f"cache build, {n:,} images at {ca['size']}px (s)", f"{ca['build_s']:.2f}")
-        add(
+            fmt.format(**a["records"]),
+            fmt.format(**c["records"]),
+        ),
+    ]
+
+
+def _cache_rows(ca: dict[str, Any]) -> list[dict[str, str]]:
+    n = ca["n"]
+    goal_s = 1.0 * n / 10_000  # the goal is 1 s per 10,000 images, scaled to n
+    return [
+        _row("3", f"cache build, {n:,} images at {ca['size']}px (s)", f"{ca['build_s']:.2f}"),
+        _row(
             "3",
             f"dataset load, {n:,} images at {ca['size']}px (s): from the cache vs decoding "
             "the same JPEG files (every epoch, without a cache)",
@@ -121,24 +138,28 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
             f"{ca['decode_jpeg_s'] / max(ca['dataset_reload_s'], 1e-9):.0f}× faster",
             "< 1 s per 10,000" + ("" if n == 10_000 else f" (< {goal_s:.2g} s here)"),
             _status(ca["dataset_reload_s"] < goal_s),
-        )
-    th = results.get("study_throughput")
-    if th and len(th["runs"]) > 1:
-        one, many = th["runs"][0], th["runs"][-1]
-        add(
-            "4",
-            f"study throughput, trials/hour ({th['config']}): {many['workers']} workers vs "
-            f"{one['workers']}; whole `run_study` call (trials only, without start-up)",
-            f"{many['trials_per_hour']:.0f} in {many['seconds']:.1f} s "
-            f"({many['steady_trials_per_hour']:.0f})",
-            f"{one['trials_per_hour']:.0f} in {one['seconds']:.1f} s "
-            f"({one['steady_trials_per_hour']:.0f})",
-            f"{th['scaling']:.2f}× ({th['steady_scaling']:.2f}×) scaling",
-            "report",
-        )
-    me = results.get("memory")
-    if me:
-        add(
+        ),
+    ]
+
+
+def _throughput_row(th: dict[str, Any]) -> dict[str, str]:
+    one, many = th["runs"][0], th["runs"][-1]
+    return _row(
+        "4",
+        f"study throughput, trials/hour ({th['config']}): {many['workers']} workers vs "
+        f"{one['workers']}; whole `run_study` call (trials only, without start-up)",
+        f"{many['trials_per_hour']:.0f} in {many['seconds']:.1f} s "
+        f"({many['steady_trials_per_hour']:.0f})",
+        f"{one['trials_per_hour']:.0f} in {one['seconds']:.1f} s "
+        f"({one['steady_trials_per_hour']:.0f})",
+        f"{th['scaling']:.2f}× ({th['steady_scaling']:.2f}×) scaling",
+        "report",
+    )
+
+
+def _memory_rows(me: dict[str, Any]) -> list[dict[str, str]]:
+    out = [
+        _row(
             "5",
             f"peak RSS over {me['trials']} consecutive trials in one worker (MB, after the "
             f"last vs after the first; {me['config']})",
@@ -149,8 +170,10 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
             "≤ 5 %",
             _status(me["growth"] <= 0.05),
         )
-        if "cuda_growth" in me:
-            add(
+    ]
+    if "cuda_growth" in me:
+        out.append(
+            _row(
                 "5",
                 "CUDA max allocated over the same trials (MB, last vs first)",
                 f"{me['cuda_max_allocated_mb_last']:.0f}",
@@ -159,6 +182,7 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
                 "≤ 5 %",
                 _status(me["cuda_growth"] <= 0.05),
             )
+        )
     return out
 
 

@@ -39,7 +39,7 @@ def run_study_process(cfg, workers: int, tmp: Path, log: Path) -> dict[str, Any]
 
     Returns wall seconds, trials/hour, the steady-state rate and, for one worker, one memory
     row per trial (``per_trial``)."""
-    from agelab.data import load_dataset
+    from agelab.data.load import load_dataset
     from agelab.study import open_storage, open_study, storage_url
     from agelab.tracking import Tracker
 

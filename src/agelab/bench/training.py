@@ -29,6 +29,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ import torch
 from agelab.bench.common import empty_store, mlflow_global_uri, say, summary
 
 __all__ = [
+    "GPU_VARIANTS",
     "FileImages",
     "bench_fit_vs_bare",
     "bench_gpu_variants",
@@ -169,17 +172,15 @@ def naive_epoch(model, loader, opt, loss_fn, device: torch.device, step: int = 0
 def _bare_epoch(model, data, cfg, device: torch.device) -> float:
     """One epoch of the bare loop; returns images/s."""
     from agelab.losses import make_loss
-    from agelab.train import _fused_ok, _param_groups, _stats
+    from agelab.train import imagenet_stats, make_optimizer
 
     cuda = device.type == "cuda"
     loss_fn = make_loss(cfg.loss, huber_delta=cfg.huber_delta)
-    opt = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=_fused_ok(device)
-    )
+    opt = make_optimizer(model, cfg, device)
     images = data.images.to(device)
     ages = torch.from_numpy(data.ages).to(device)
     train = torch.from_numpy(data.indices("train")).to(device)
-    mean, std = _stats(device)
+    mean, std = imagenet_stats(device)
     bs = cfg.batch_size
     steps = len(train) // bs
     order = train[torch.randperm(len(train)).to(device)]
@@ -218,6 +219,47 @@ def _train_cfg(batch_size: int, device: torch.device, **extra: Any):
     )
 
 
+def _fresh_model(backbone: str, image_size: int, dev: torch.device, channels_last: bool = False):
+    """The benchmark model (batch norm, ReLU, seed 0) on ``dev``."""
+    from agelab.models import build_model
+
+    model, _ = build_model(backbone, "batch", "relu", img_size=image_size, seed=0)
+    model.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _interleaved(loops: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """One warm-up round of every loop (allocator, kernels, cudnn autotune, compilation), then
+    ``repeats`` rounds, interleaved so drifting machine load hits every loop alike."""
+    for run in loops.values():
+        run()
+    ips: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(repeats):
+        for name, run in loops.items():
+            ips[name].append(run())
+    return ips
+
+
+def _versus(ips: dict[str, list[float]], a: str, b: str) -> tuple[float, float]:
+    """Loop ``a`` against loop ``b``: the ratio of the medians and of the bests."""
+    return statistics.median(ips[a]) / statistics.median(ips[b]), max(ips[a]) / max(ips[b])
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """``threads`` torch threads for the duration (unchanged when None or 0)."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads:
+            torch.set_num_threads(previous)
+
+
 def bench_training(
     backbone: str = "resnet10t",
     image_size: int = 64,
@@ -241,114 +283,134 @@ def bench_training(
     this size (resized to ``image_size`` by its transforms; default: the training size).
     ``data``: a FaceDataset to use instead of ``n_images`` fresh synthetic faces.
     """
-    from agelab.models import build_model
-    from agelab.train import fit, resolve_device
+    from agelab.train import resolve_device
 
     dev = resolve_device(device)
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    n_threads = threads or torch.get_num_threads()
+    naive_options = {"workers": naive_workers, "source_size": naive_source_size}
+    with _torch_threads(threads):
         data = data if data is not None else make_dataset(n_images, image_size)
-        image_size = data.image_size
-        n_train = len(data.indices("train"))
-        model, _ = build_model(backbone, "batch", "relu", img_size=image_size, seed=0)
-        model.to(dev)
-        if dev.type == "cuda":
-            model.to(memory_format=torch.channels_last)
         cfg = _train_cfg(batch_size, dev)
-        fit(model, data, cfg)  # warm-up (allocator, kernels, cudnn autotune)
-        _bare_epoch(model, data, cfg, dev)
-        fit_ips: list[float] = []
-        bare_ips: list[float] = []
-        naive_ips: list[float] = []
-        with (
-            tempfile.TemporaryDirectory(prefix="agelab-bench-naive-") as tmp,
-            contextlib.ExitStack() as stack,
-        ):
-            naive_state = None
-            if naive:
-                naive_state = _naive_setup(
-                    Path(tmp),
-                    stack,
-                    data,
-                    backbone,
-                    batch_size,
-                    naive_workers,
-                    naive_source_size,
-                    cfg,
-                    dev,
-                )
-                _naive_round(naive_state, dev)  # warm-up
-            for _ in range(repeats):
-                fit_ips.append(fit(model, data, cfg).images_per_second)
-                bare_ips.append(_bare_epoch(model, data, cfg, dev))
-                if naive_state:
-                    naive_ips.append(_naive_round(naive_state, dev))
-            if naive_state:
-                _naive_counts(naive_state)
-    finally:
-        if threads:
-            torch.set_num_threads(previous_threads)
+        ips, files = _measure(data, backbone, cfg, dev, repeats, naive_options if naive else None)
     result: dict[str, Any] = {
         "backbone": backbone,
-        "image_size": image_size,
-        "n_images": n_train,
+        "image_size": data.image_size,
+        "n_images": len(data.indices("train")),
         "batch_size": batch_size,
         "repeats": repeats,
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "threads": threads or previous_threads,
-        "fit_images_per_second": summary(fit_ips),
-        "bare_images_per_second": summary(bare_ips),
-        "ratio": statistics.median(fit_ips) / statistics.median(bare_ips),
-        "ratio_best": max(fit_ips) / max(bare_ips),
+        "threads": n_threads,
+        "fit_images_per_second": summary(ips["fit"]),
+        "bare_images_per_second": summary(ips["bare"]),
     }
-    if naive_state:
-        result["naive_images_per_second"] = summary(naive_ips)
-        result["naive_ratio"] = statistics.median(fit_ips) / statistics.median(naive_ips)
-        result["naive_ratio_best"] = max(fit_ips) / max(naive_ips)
-        result["naive"] = {
-            "workers": naive_workers,
-            "source_size": naive_source_size or image_size,
-            "files": f"JPEG (quality 95), {naive_source_size or image_size}px",
-            "optimizer": "torch.optim.AdamW defaults (not fused)",
-            "per_step": "loss.item() + mlflow.log_metric",
-            "files_read": naive_state["files_read"],
-            "files_read_in_workers": naive_state["files_read_in_workers"],
-            "mlflow_metric_values_logged": naive_state["logged"],
-        }
+    result["ratio"], result["ratio_best"] = _versus(ips, "fit", "bare")
+    if naive:
+        result["naive_images_per_second"] = summary(ips["naive"])
+        result["naive_ratio"], result["naive_ratio_best"] = _versus(ips, "fit", "naive")
+        result["naive"] = _naive_facts(naive_workers, naive_source_size or data.image_size, files)
     if verbose:
-        line = (
-            f"training {backbone} {image_size}px batch {batch_size} ({result['device']}, "
-            f"{result['threads']} threads): fit {result['fit_images_per_second']['median']:.1f}"
-            f" img/s, bare {result['bare_images_per_second']['median']:.1f} img/s, fit/bare "
-            f"{result['ratio']:.3f} (best-of {result['ratio_best']:.3f})"
-        )
-        if naive:
-            line += (
-                f"; naive {result['naive_images_per_second']['median']:.1f} img/s, "
-                f"fit/naive {result['naive_ratio']:.2f}× "
-                f"(best-of {result['naive_ratio_best']:.2f}×)"
-            )
-        say(line)
+        say(_training_line(result))
     return result
 
 
-def _naive_setup(
-    tmp: Path, stack, data, backbone, batch_size, workers, source_size, cfg, dev
-) -> dict:
+def _measure(
+    data, backbone: str, cfg, dev: torch.device, repeats: int, naive: dict[str, Any] | None
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Interleaved images/s of ``fit`` and the bare loop on one model, and of the naive
+    pipeline (``naive``: its workers and source size) on its own; what the naive loop did."""
+    from agelab.train import fit
+
+    model = _fresh_model(backbone, data.image_size, dev, channels_last=dev.type == "cuda")
+    loops = {
+        "fit": lambda: fit(model, data, cfg).images_per_second,
+        "bare": lambda: _bare_epoch(model, data, cfg, dev),
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="agelab-bench-naive-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        pipeline = None
+        if naive is not None:
+            pipeline = _start_naive(Path(tmp), stack, data, backbone, cfg, dev, **naive)
+            loops["naive"] = pipeline.epoch
+        ips = _interleaved(loops, repeats)
+        return ips, pipeline.counts() if pipeline else {}
+
+
+def _training_line(r: dict[str, Any]) -> str:
+    line = (
+        f"training {r['backbone']} {r['image_size']}px batch {r['batch_size']} ({r['device']}, "
+        f"{r['threads']} threads): fit {r['fit_images_per_second']['median']:.1f}"
+        f" img/s, bare {r['bare_images_per_second']['median']:.1f} img/s, fit/bare "
+        f"{r['ratio']:.3f} (best-of {r['ratio_best']:.3f})"
+    )
+    if "naive" in r:
+        line += (
+            f"; naive {r['naive_images_per_second']['median']:.1f} img/s, "
+            f"fit/naive {r['naive_ratio']:.2f}× "
+            f"(best-of {r['naive_ratio_best']:.2f}×)"
+        )
+    return line
+
+
+def _naive_facts(workers: int, source_size: int, files: dict[str, int]) -> dict[str, Any]:
+    """How the naive pipeline was set up, and what it really did."""
+    return {
+        "workers": workers,
+        "source_size": source_size,
+        "files": f"JPEG (quality 95), {source_size}px",
+        "optimizer": "torch.optim.AdamW defaults (not fused)",
+        "per_step": "loss.item() + mlflow.log_metric",
+        **files,
+    }
+
+
+@dataclass
+class _NaivePipeline:
+    """The naive tutorial loop's state across its epochs."""
+
+    loader: torch.utils.data.DataLoader
+    model: Any
+    opt: torch.optim.Optimizer
+    loss: Any
+    device: torch.device
+    run_id: str
+    uri: str
+    step: int = 0
+
+    def epoch(self) -> float:
+        """One epoch of the naive loop; returns images/s."""
+        ips, self.step = naive_epoch(
+            self.model, self.loader, self.opt, self.loss, self.device, self.step
+        )
+        return ips
+
+    def counts(self) -> dict[str, int]:
+        """What the naive loop really did: files read (in workers) and metric values logged."""
+        from mlflow.tracking import MlflowClient
+
+        ds = self.loader.dataset
+        history = MlflowClient(self.uri).get_metric_history(self.run_id, "train_loss")
+        return {
+            "files_read": int(ds.reads.value),
+            "files_read_in_workers": int(ds.reads_in_workers.value),
+            "mlflow_metric_values_logged": len(history),
+        }
+
+
+def _start_naive(
+    tmp: Path, stack, data, backbone: str, cfg, dev, *, workers: int, source_size: int | None
+) -> _NaivePipeline:
     """JPEG files, the loader, a fresh model (NCHW, fp32) with default AdamW, and an active
     MLflow run in a throw-away SQLite store (closed by ``stack``)."""
     import mlflow
 
     from agelab.losses import make_loss
-    from agelab.models import build_model
 
     paths, ages = write_jpegs(data, tmp / "images", size=source_size)
-    loader = naive_loader(paths, ages, data.image_size, batch_size, workers)
-    model, _ = build_model(backbone, "batch", "relu", img_size=data.image_size, seed=0)
-    model.to(dev)
+    loader = naive_loader(paths, ages, data.image_size, cfg.batch_size, workers)
+    model = _fresh_model(backbone, data.image_size, dev)
     train_ages = ages.astype(np.float64)
     model.set_target_stats(float(train_ages.mean()), max(float(train_ages.std()), 1e-6))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -356,33 +418,8 @@ def _naive_setup(
     stack.enter_context(mlflow_global_uri(uri))
     mlflow.set_experiment("naive-tutorial-loop")
     run = stack.enter_context(mlflow.start_run())
-    return {
-        "loader": loader,
-        "model": model,
-        "opt": opt,
-        "loss": make_loss(cfg.loss, huber_delta=cfg.huber_delta),
-        "step": 0,
-        "run_id": run.info.run_id,
-        "uri": uri,
-    }
-
-
-def _naive_counts(state: dict) -> None:
-    """What the naive loop really did: files read (in workers) and metric values logged."""
-    from mlflow.tracking import MlflowClient
-
-    ds = state["loader"].dataset
-    state["files_read"] = int(ds.reads.value)
-    state["files_read_in_workers"] = int(ds.reads_in_workers.value)
-    history = MlflowClient(state["uri"]).get_metric_history(state["run_id"], "train_loss")
-    state["logged"] = len(history)
-
-
-def _naive_round(state: dict, dev: torch.device) -> float:
-    ips, state["step"] = naive_epoch(
-        state["model"], state["loader"], state["opt"], state["loss"], dev, state["step"]
-    )
-    return ips
+    loss = make_loss(cfg.loss, huber_delta=cfg.huber_delta)
+    return _NaivePipeline(loader, model, opt, loss, dev, run.info.run_id, uri)
 
 
 def bench_fit_vs_bare(
@@ -391,25 +428,23 @@ def bench_fit_vs_bare(
     n_images: int = 512,
     batch_size: int = 64,
     repeats: int = 3,
-    *,
-    device: str = "auto",
-    threads: int | None = None,
-    verbose: bool = True,
+    **options: Any,
 ) -> dict[str, Any]:
     """Images/s of ``fit`` vs the bare loop on ``n_images`` training images (no naive
-    pipeline): per-loop min/median/max, ``ratio`` (median fit / median bare), ``ratio_best``,
-    the device and the thread count."""
+    pipeline): :func:`bench_training` with ``naive=False`` (``options``: its ``device``,
+    ``threads``, ``verbose``)."""
     return bench_training(
-        backbone,
-        image_size,
-        n_images,
-        batch_size,
-        repeats,
-        naive=False,
-        device=device,
-        threads=threads,
-        verbose=verbose,
+        backbone, image_size, n_images, batch_size, repeats, naive=False, **options
     )
+
+
+# CUDA variants of fit, each against the bare loop in bf16 + channels_last.
+GPU_VARIANTS: dict[str, dict[str, bool]] = {
+    "fp32": {"amp": False, "channels_last": False},
+    "bf16": {"amp": True, "channels_last": False},
+    "bf16+channels_last": {"amp": True, "channels_last": True},
+    "bf16+channels_last+compile": {"amp": True, "channels_last": True, "compile": True},
+}
 
 
 def bench_gpu_variants(
@@ -421,53 +456,48 @@ def bench_gpu_variants(
     *,
     verbose: bool = True,
 ) -> list[dict[str, Any]]:
-    """CUDA only: ``fit`` images/s for fp32, bf16, bf16 + channels_last and bf16 +
-    channels_last + ``torch.compile``, each with the fraction of the bare loop (bf16 +
-    channels_last) measured beside it. Empty without CUDA."""
+    """CUDA only: ``fit`` images/s for each of :data:`GPU_VARIANTS`, each with the fraction of
+    the bare loop (bf16 + channels_last) measured beside it. Empty without CUDA."""
     if not torch.cuda.is_available():
         return []
-    from agelab.models import build_model
-    from agelab.train import fit
-
     dev = torch.device("cuda")
     data = make_dataset(n_images, image_size)
-    variants = [
-        ("fp32", {"amp": False, "channels_last": False}),
-        ("bf16", {"amp": True, "channels_last": False}),
-        ("bf16+channels_last", {"amp": True, "channels_last": True}),
-        ("bf16+channels_last+compile", {"amp": True, "channels_last": True, "compile": True}),
-    ]
     bare_cfg = _train_cfg(batch_size, dev, amp=True, channels_last=True)
     out = []
-    for name, extra in variants:
-        cfg = _train_cfg(batch_size, dev, **extra)
-        model, _ = build_model(backbone, "batch", "relu", img_size=image_size, seed=0)
-        model.to(dev)
-        bare_model, _ = build_model(backbone, "batch", "relu", img_size=image_size, seed=0)
-        bare_model.to(dev).to(memory_format=torch.channels_last)
-        fit(model, data, cfg)  # warm-up (and compilation)
-        _bare_epoch(bare_model, data, bare_cfg, dev)
-        fit_ips, bare_ips = [], []
-        for _ in range(repeats):
-            fit_ips.append(fit(model, data, cfg).images_per_second)
-            bare_ips.append(_bare_epoch(bare_model, data, bare_cfg, dev))
-        row = {
-            "variant": name,
-            "backbone": backbone,
-            "image_size": image_size,
-            "batch_size": batch_size,
-            "fit_images_per_second": summary(fit_ips),
-            "bare_images_per_second": summary(bare_ips),
-            "fraction_of_bare": statistics.median(fit_ips) / statistics.median(bare_ips),
-            "fraction_of_bare_best": max(fit_ips) / max(bare_ips),
-            "max_memory_allocated_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1),
-        }
-        out.append(row)
+    for name, extra in GPU_VARIANTS.items():
+        row = _gpu_variant(backbone, data, _train_cfg(batch_size, dev, **extra), bare_cfg, repeats)
+        out.append({"variant": name, **row})
         if verbose:
             say(
                 f"gpu {name}: fit {row['fit_images_per_second']['median']:.0f} img/s, "
                 f"{row['fraction_of_bare']:.3f} of the bare loop"
             )
-        del model, bare_model
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the variant's models are gone: start the next one clean
     return out
+
+
+def _gpu_variant(backbone: str, data, cfg, bare_cfg, repeats: int) -> dict[str, Any]:
+    """``fit`` with ``cfg`` against the bare loop with ``bare_cfg``, fresh models each."""
+    from agelab.train import fit
+
+    dev = torch.device("cuda")
+    model = _fresh_model(backbone, data.image_size, dev)
+    bare_model = _fresh_model(backbone, data.image_size, dev, channels_last=True)
+    ips = _interleaved(
+        {
+            "fit": lambda: fit(model, data, cfg).images_per_second,
+            "bare": lambda: _bare_epoch(bare_model, data, bare_cfg, dev),
+        },
+        repeats,
+    )
+    fraction, fraction_best = _versus(ips, "fit", "bare")
+    return {
+        "backbone": backbone,
+        "image_size": data.image_size,
+        "batch_size": cfg.batch_size,
+        "fit_images_per_second": summary(ips["fit"]),
+        "bare_images_per_second": summary(ips["bare"]),
+        "fraction_of_bare": fraction,
+        "fraction_of_bare_best": fraction_best,
+        "max_memory_allocated_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1),
+    }
