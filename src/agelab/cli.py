@@ -43,12 +43,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_study(
         cfg, workers=args.workers, n_trials=args.n_trials, join=args.join, quiet=args.quiet
     )
+    if cfg.report.auto and summary.counts["COMPLETE"]:
+        _report_after_study(cfg)
     return 0 if summary.ok else 1
+
+
+def _report_after_study(cfg) -> None:
+    """The ablation report of the study so far; a failure here never fails the study."""
+    try:
+        from agelab.reporting import print_verdict, report_for_config
+
+        result = report_for_config(cfg)
+    except Exception as exc:
+        print(
+            f"warning: the ablation report failed ({type(exc).__name__}: {exc}); the runs are "
+            f"safe — retry with: agelab report <study file> (study {cfg.name!r})"
+        )
+        return
+    print_verdict(result, f"\nVerdict ({result.html}):")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from agelab.config import apply_overrides, validate
-    from agelab.report import report_for_config
+    from agelab.reporting import print_verdict, report_for_config
 
     if Path(args.study).suffix in (".yaml", ".yml", ".json") or Path(args.study).is_file():
         cfg = _load(args.study, args.overrides)
@@ -56,9 +73,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raw = {"name": args.study, "tracking": {"root": args.root}}
         cfg = validate(apply_overrides(raw, args.overrides), f"study {args.study!r}")
     result = report_for_config(cfg, out_dir=Path(args.out) if args.out else None, log=args.log)
-    print(f"Ablation report for study {cfg.name!r}\n\nVerdict:")
-    for sentence in result.analysis.verdict:
-        print(f"  - {sentence}")
+    print_verdict(result, f"Ablation report for study {cfg.name!r}\n\nVerdict:")
     print(f"\nwrote {result.markdown} and {result.html}")
     if args.log and result.parent_run_id:
         print(f"logged under report/ on parent run {result.parent_run_id}")
@@ -74,7 +89,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if cfg.search.n_total() > cfg.search.warn_cells:
         import torch
 
-        from agelab.config import estimate_trial_seconds, size_warning
+        from agelab.study.estimate import estimate_trial_seconds, size_warning
 
         gpu = cfg.train.device != "cpu" and torch.cuda.is_available()
         print(size_warning(cfg, *estimate_trial_seconds(cfg, gpu=gpu)), file=sys.stderr)
@@ -82,8 +97,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from agelab.data import load_dataset
     from agelab.data.export import export_folder
+    from agelab.data.load import load_dataset
 
     cfg = _load(args.study, args.overrides)
     if cfg.data.source != "synthetic":
@@ -123,13 +138,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from agelab.tracking import serve_ui
+    from agelab.ui import serve_ui
 
     return serve_ui(host=args.host, port=args.port, root=Path(args.root), expose=args.expose)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from agelab.study import serve_dashboard
+    from agelab.ui import serve_dashboard
 
     return serve_dashboard(
         host=args.host,
@@ -157,7 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"agelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_study_commands(sub)
+    _add_data_commands(sub)
+    _add_browser_commands(sub)
+    p = sub.add_parser("bench", help="benchmarks: training throughput, tracking, data, memory")
+    p.add_argument("--quick", action="store_true", help="about 2 minutes on 2 CPU cores")
+    p.add_argument("--out", default="bench", help="folder for results.json and results.md")
+    p.set_defaults(func=cmd_bench)
+    return parser
 
+
+def _add_study_commands(sub: argparse._SubParsersAction) -> None:
+    """``run``, ``report``, ``config``."""
     p = sub.add_parser("run", help="run (or resume) a study from experiments/*.yaml")
     p.add_argument("study", help="study file, e.g. experiments/demo.yaml")
     _add_overrides(p)
@@ -191,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.set_defaults(func=cmd_config)
 
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """``data synth|preview|inspect``."""
     data = sub.add_parser("data", help="synthetic data and real-data inspection")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = dsub.add_parser("synth", help="generate (and cache) the synthetic faces of a study")
@@ -213,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-age", type=float, default=120.0)
     p.set_defaults(func=cmd_data_inspect)
 
+
+def _add_browser_commands(sub: argparse._SubParsersAction) -> None:
+    """``ui`` and ``dashboard``: the same loopback-only options."""
     for name, helptext, port in (
         ("ui", "MLflow UI over the default store (127.0.0.1 only)", 5000),
         ("dashboard", "optuna-dashboard over the study storage (127.0.0.1 only)", 8080),
@@ -230,12 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "dashboard":
             p.add_argument("--storage", default=None, help="Optuna storage URL (default: journal)")
         p.set_defaults(func=cmd_ui if name == "ui" else cmd_dashboard)
-
-    p = sub.add_parser("bench", help="benchmarks: training throughput, tracking, data, memory")
-    p.add_argument("--quick", action="store_true", help="about 2 minutes on 2 CPU cores")
-    p.add_argument("--out", default="bench", help="folder for results.json and results.md")
-    p.set_defaults(func=cmd_bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

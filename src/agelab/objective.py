@@ -1,8 +1,11 @@
-"""One trial, start to finish: build → fit → predict → diagnose → record.
+"""One trial, start to finish: build → fit → predict → diagnose → record in MLflow.
 
-A pure function of (trial config, data): the study module hands it a config with the
-trial's params applied and the replicate seed in ``train.seed``. Selection uses the
-**calib** MAE only; test metrics are recorded but never returned to the optimiser.
+The study hands it a config with the trial's params applied and the replicate seed in
+``train.seed``; the numbers are a function of (that config, the data), deterministic on CPU.
+Everything the trial produced goes to its MLflow run (tags, final metrics, artifacts) through
+the :class:`~agelab.tracking.Tracker` it is given; per-epoch metrics go through the caller's
+``on_epoch``. Selection uses the **calib** MAE only; test metrics are recorded but never
+returned to the optimiser.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from agelab.config import StudyConfig
+from agelab.config import StudyConfig, flatten
 from agelab.data.dataset import FaceDataset
-from agelab.errors import TrialFailed
+from agelab.errors import TrainingDiverged, TrialFailed
 from agelab.tracking import Tracker
 
 
@@ -86,25 +89,59 @@ def evaluate_trial(
     *,
     quiet: bool = False,
 ) -> TrialResult:
-    from agelab import metrics as M
-    from agelab import plots
-    from agelab.train import TrainingDiverged, fit, predict
+    """Train the trial's model, diagnose its test predictions, record all of it on run
+    ``run_id``; returns the calib MAE (the objective) and the final metrics."""
+    model, census = build_trial_model(cfg, data.image_size)
+    tracker.set_tags(run_id, {f"census.{k}": v for k, v in flatten(census).items()})
+    result, pred, fit_seconds = _train(model, data, cfg, on_epoch, quiet)
+    diag, final = _diagnose(cfg, data, pred)
+    final |= {
+        "fit_seconds": fit_seconds,
+        "best_epoch": float(result.best_epoch),
+        "train_images_per_second": float(result.images_per_second),
+    }
+    tracker.log_metrics(run_id, final, step=int(result.best_epoch))
+    tracker.set_tags(
+        run_id,
+        {
+            "agelab.verdict": diag.verdict,
+            "agelab.verdict_reason": diag.verdict_reason,
+            "agelab.device": str(result.device),
+        },
+    )
+    with tempfile.TemporaryDirectory(prefix="agelab-trial-") as tmp:
+        _write_artifacts(Path(tmp), cfg, data, pred, model, census, result.history, diag)
+        tracker.log_artifacts(run_id, Path(tmp))
+    return TrialResult(value=final["calib_mae"], metrics=final)
+
+
+def _train(model, data: FaceDataset, cfg: StudyConfig, on_epoch, quiet: bool):
+    """Fit (best calib epoch restored) and predict every image: (fit result, predictions,
+    seconds to fit). A divergence or an out-of-memory error becomes :class:`TrialFailed`
+    with what to change."""
+    from agelab.train import fit, predict
 
     t0 = time.time()
-    model, census = build_trial_model(cfg, data.image_size)
-    tracker.set_tags(run_id, {f"census.{k}": v for k, v in _flat_census(census).items()})
     train_cfg = cfg.train.model_copy(update={"progress": cfg.train.progress and not quiet})
     try:
         result = fit(model, data, train_cfg, callbacks=[on_epoch])
         fit_seconds = time.time() - t0
-        device = result.device
-        pred = predict(model, data.images, batch_size=cfg.train.eval_batch_size, device=device)
+        pred = predict(
+            model, data.images, batch_size=cfg.train.eval_batch_size, device=result.device
+        )
     except TrainingDiverged as exc:
         raise TrialFailed(f"diverged: {exc}") from exc
     except (MemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):
             raise
         raise TrialFailed(out_of_memory_reason(exc, cfg)) from exc
+    return result, pred, fit_seconds
+
+
+def _diagnose(cfg: StudyConfig, data: FaceDataset, pred: np.ndarray):
+    """Test-split diagnostics (conformal intervals calibrated on the calib split) and the
+    final metrics: the diagnostics' scalars, the objective, the noise floor (synthetic)."""
+    from agelab import metrics as M
 
     calib_idx, test_idx = data.indices("calib"), data.indices("test")
     y, p = data.ages.astype(np.float64), pred.astype(np.float64)
@@ -120,76 +157,67 @@ def evaluate_trial(
     )
     calib_mae = float(np.mean(np.abs(p[calib_idx] - y[calib_idx])))
     final = dict(diag.scalars)
-    final |= {
-        "calib_mae": calib_mae,
-        # The objective under its own name: MLflow's "latest" calib_mae is the last epoch's
-        # (highest step), not this one from the restored best weights.
-        "best_calib_mae": calib_mae,
-        "fit_seconds": fit_seconds,
-        "best_epoch": float(result.best_epoch),
-        "train_images_per_second": float(result.images_per_second),
-    }
+    # The objective under its own name too: MLflow's "latest" calib_mae is the last
+    # epoch's (highest step), not this one from the restored best weights.
+    final |= {"calib_mae": calib_mae, "best_calib_mae": calib_mae}
     if data.true_ages is not None:  # synthetic: how far from the label-noise floor
         final["noise_floor_mae"] = float(np.mean(np.abs(y[test_idx] - data.true_ages[test_idx])))
         final["mae_vs_true_age"] = float(np.mean(np.abs(p[test_idx] - data.true_ages[test_idx])))
-    tracker.log_metrics(run_id, final, step=int(result.best_epoch))
-    tracker.set_tags(
-        run_id,
-        {
-            "agelab.verdict": diag.verdict,
-            "agelab.verdict_reason": diag.verdict_reason,
-            "agelab.device": str(device),
-        },
-    )
+    return diag, final
 
-    with tempfile.TemporaryDirectory(prefix="agelab-trial-") as tmp:
-        out = Path(tmp)
-        (out / "config.json").write_text(cfg.model_dump_json(indent=2))
-        (out / "census.json").write_text(json.dumps(census, indent=2, default=str))
-        (out / "history.json").write_text(json.dumps(result.history, indent=2))
-        (out / "diagnostics.json").write_text(
-            _strict_json(
-                {
-                    "verdict": diag.verdict,
-                    "reason": diag.verdict_reason,
-                    "notes": diag.notes,
-                    "scalars": diag.scalars,
-                }
-            )
+
+def _write_artifacts(
+    out: Path, cfg: StudyConfig, data: FaceDataset, pred: np.ndarray, model, census, history, diag
+) -> None:
+    """The trial's files: config, census, history, diagnostics, curves, predictions,
+    figures and (optionally) the checkpoint."""
+    from agelab import plots
+
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    (out / "census.json").write_text(json.dumps(census, indent=2, default=str))
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    (out / "diagnostics.json").write_text(
+        _strict_json(
+            {
+                "verdict": diag.verdict,
+                "reason": diag.verdict_reason,
+                "notes": diag.notes,
+                "scalars": diag.scalars,
+            }
         )
-        diag.cs_curve.to_csv(out / "cs_curve.csv", index=False)
-        diag.bands.to_csv(out / "age_bands.csv", index=False)
-        if cfg.tracking.log_predictions:
-            table = pd.DataFrame(
-                {
-                    "split": data.split,
-                    "true_age": y,
-                    "prediction": p,
-                    "residual": p - y,
-                    "subject": data.subjects,
-                }
-            )
-            if data.paths is not None:
-                table["path"] = data.paths
-            if data.true_ages is not None:
-                table["noise_free_age"] = data.true_ages
-            table.to_csv(out / "predictions.csv", index=False)
-        if cfg.tracking.log_figures:
-            figs = plots.figures_for(
-                diag,
-                y[test_idx],
-                p[test_idx],
-                first_layer_weights=first_conv_weight(model),
-                seed=cfg.train.seed,
-            )
-            for name, fig in figs.items():
-                plots.save_png(fig, out / "figures" / f"{name}.png")
-        if cfg.tracking.log_checkpoint:
-            from agelab.train import save_checkpoint
+    )
+    diag.cs_curve.to_csv(out / "cs_curve.csv", index=False)
+    diag.bands.to_csv(out / "age_bands.csv", index=False)
+    if cfg.tracking.log_predictions:
+        _predictions_table(data, pred).to_csv(out / "predictions.csv", index=False)
+    if cfg.tracking.log_figures:
+        test_idx = data.indices("test")
+        figs = plots.figures_for(
+            diag,
+            data.ages.astype(np.float64)[test_idx],
+            pred.astype(np.float64)[test_idx],
+            first_layer_weights=first_conv_weight(model),
+            seed=cfg.train.seed,
+        )
+        for name, fig in figs.items():
+            plots.save_png(fig, out / "figures" / f"{name}.png")
+    if cfg.tracking.log_checkpoint:
+        from agelab.train import save_checkpoint
 
-            save_checkpoint(out / "model.pt", model, cfg.model_dump(mode="json"), census)
-        tracker.log_artifacts(run_id, out)
-    return TrialResult(value=calib_mae, metrics=final)
+        save_checkpoint(out / "model.pt", model, cfg.model_dump(mode="json"), census)
+
+
+def _predictions_table(data: FaceDataset, pred: np.ndarray) -> pd.DataFrame:
+    y, p = data.ages.astype(np.float64), pred.astype(np.float64)
+    table = pd.DataFrame(
+        {"split": data.split, "true_age": y, "prediction": p, "residual": p - y,
+         "subject": data.subjects}
+    )  # fmt: skip
+    if data.paths is not None:
+        table["path"] = data.paths
+    if data.true_ages is not None:
+        table["noise_free_age"] = data.true_ages
+    return table
 
 
 def _strict_json(obj) -> str:
@@ -205,13 +233,3 @@ def _strict_json(obj) -> str:
         return x
 
     return json.dumps(clean(obj), indent=2, default=float, allow_nan=False)
-
-
-def _flat_census(census: dict, prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in census.items():
-        if isinstance(value, dict):
-            flat |= _flat_census(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat

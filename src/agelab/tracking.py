@@ -19,16 +19,18 @@ import random
 import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agelab.config import TrackingConfig
 from agelab.errors import StoreError
 from agelab.faults import kill_point
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 T = TypeVar("T")
 
@@ -402,12 +404,6 @@ class Tracker:
     def end_run(self, run_id: str, status: str = FINISHED) -> None:
         self._call(self.client.set_terminated, run_id, status)
 
-    def run_status(self, run_id: str) -> str | None:
-        try:
-            return self._call(self.client.get_run, run_id).info.status
-        except Exception:
-            return None
-
     def search(self, filter_string: str = "", max_results: int = 50_000) -> list:
         return list(
             self._call(
@@ -418,46 +414,33 @@ class Tracker:
             )
         )
 
+    def search_frame(self, filter_string: str = "") -> pd.DataFrame:
+        """:meth:`search` as a table (see :func:`runs_frame`)."""
+        return runs_frame(self.search(filter_string))
+
     def running_runs(self) -> Iterable:
         return self.search("attributes.status = 'RUNNING'")
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+def runs_frame(runs: Iterable) -> pd.DataFrame:
+    """MLflow runs → one row each, columns named as ``mlflow.search_runs`` names them:
+    ``run_id``, ``run_name``, ``status``, ``start_time``, ``params.<k>``, ``tags.<k>``,
+    ``metrics.<k>`` (the latest value). What agelab's report reads, free of mlflow types."""
+    import pandas as pd
 
-
-def bind_allowed(host: str, expose: bool, who: str) -> bool:
-    """UIs bind to loopback unless the user explicitly exposes them (they have no auth)."""
-    if host in LOOPBACK or expose:
-        return True
-    print(
-        f"{who}: refusing to bind {host}: it has no authentication and anyone who reaches it "
-        "can read and change your runs. Pass --expose to do it anyway.",
-        file=sys.stderr,
+    rows = []
+    for run in runs:
+        info, data = run.info, run.data
+        row = {
+            "run_id": info.run_id,
+            "run_name": info.run_name,
+            "status": info.status,
+            "start_time": info.start_time,
+        }
+        row |= {f"params.{k}": v for k, v in data.params.items()}
+        row |= {f"tags.{k}": v for k, v in data.tags.items()}
+        row |= {f"metrics.{k}": v for k, v in data.metrics.items()}
+        rows.append(row)
+    return pd.DataFrame(
+        rows, columns=None if rows else ["run_id", "run_name", "status", "start_time"]
     )
-    return False
-
-
-def serve_ui(*, host: str, port: int, root: Path, expose: bool) -> int:
-    """``mlflow ui`` over the default store, on loopback unless ``expose`` is given."""
-    if not bind_allowed(host, expose, "agelab ui"):
-        return 2
-    uri = default_uri(TrackingConfig(root=root))
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--default-artifact-root",
-        (root / "artifacts").resolve().as_uri(),
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
-    print(f"MLflow UI on http://{host}:{port}  (store {mask_uri(uri)}; Ctrl-C stops)")
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0

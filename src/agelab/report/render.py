@@ -1,4 +1,5 @@
-"""Render an :class:`agelab.report.Analysis` as ``report.md`` and a self-contained ``report.html``.
+"""Render an :class:`~agelab.report.analysis.Analysis` as ``report.md`` and a self-contained
+``report.html``.
 
 Figures are matplotlib :class:`~matplotlib.figure.Figure` objects built without pyplot (as in
 :mod:`agelab.plots`), written as PNG next to the markdown and embedded as data URIs in the
@@ -12,6 +13,7 @@ import html
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,10 @@ from matplotlib.figure import Figure
 
 from agelab.metrics import LAPLACE_CS_AT_MAE, NORMAL_CS_AT_MAE
 from agelab.plots import COLORS, save_png
-from agelab.report import CELL_METRICS, Analysis, conf_label
+from agelab.report.analysis import Analysis
+from agelab.report.design import CELL_METRICS
+from agelab.report.stats import t_interval
+from agelab.report.text import conf_label, format_p
 
 PREFERRED = ("model.norm", "model.act", "model.backbone")
 
@@ -49,9 +54,7 @@ def _ci(mean: float, lo: float, hi: float, digits: int = 2, pct: bool = False) -
 
 
 def _p(p: float) -> str:
-    if not isinstance(p, float | int) or not math.isfinite(p):
-        return "–"
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    return format_p(p, relation=False)
 
 
 # ------------------------------------------------------------------------------- tables
@@ -196,8 +199,6 @@ def _levels(a: Analysis, f: str) -> list[str]:
 
 
 def _mean_ci(values: pd.Series, conf: float) -> tuple[float, float]:
-    from agelab.report import t_interval
-
     m, lo, _hi, _n = t_interval(values, conf)
     return m, (m - lo) if math.isfinite(lo) else 0.0
 
@@ -448,68 +449,99 @@ def write(
 ) -> tuple[Path, Path]:
     """Write report.md, report.html, figures/*.png and runs.csv into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    figs: list[tuple[str, str, Path]] = []
     fig_dir = folder / "figures"
     for old in fig_dir.glob("*.png"):  # never leave a previous report's figures behind
         old.unlink()
-    if figures:
-        builders = [
-            *FIGURES,
-            (
-                "cs_curves",
-                "CS curves of the best and worst cells",
-                lambda _a: cs_plot(cs_curves or {}),
-            ),
-        ]
-        for name, title, build in builders:
-            fig = build(a)
-            if fig is not None:
-                figs.append((name, title, save_png(fig, fig_dir / f"{name}.png")))
+    figs = _write_figures(a, fig_dir, cs_curves) if figures else []
     a.runs.drop(columns=[c for c in ("start_time",) if c in a.runs]).to_csv(
         folder / "runs.csv", index=False, encoding="utf-8"
     )
     date = time.strftime("%Y-%m-%d %H:%M")
-    title = f"Ablation report: {meta.get('study', '')}"
     meta_line = " · ".join(
         f"{k}: {v}"
         for k, v in [("generated", date), *meta.items()]
         if v and k != "study" and k != "description"
     )
-    sections = _sections(a)
+    page = _Page(
+        title=f"Ablation report: {meta.get('study', '')}",
+        meta_line=meta_line,
+        description=str(meta.get("description") or "").strip(),
+        sections=_sections(a),
+        figs=figs,
+    )
+    md_path, html_path = folder / "report.md", folder / "report.html"
+    md_path.write_text(_markdown(a, page), encoding="utf-8")
+    html_path.write_text(_html(a, page), encoding="utf-8")
+    return md_path, html_path
 
-    md = [f"# {title}", "", f"_{meta_line}_", ""]
-    if meta.get("description"):
-        md += [str(meta["description"]).strip(), ""]
+
+Section = tuple[str, list[tuple[str, Any]]]  # heading, [("table", Table) | ("text", str)]
+
+
+@dataclass
+class _Page:
+    title: str
+    meta_line: str
+    description: str
+    sections: list[Section]
+    figs: list[tuple[str, str, Path]]  # name, title, PNG file
+
+
+def _write_figures(
+    a: Analysis,
+    fig_dir: Path,
+    cs_curves: dict[str, pd.DataFrame] | None,
+) -> list[tuple[str, str, Path]]:
+    """The report's figures as PNG files: (name, title, file) of those that apply."""
+    builders = [
+        *FIGURES,
+        ("cs_curves", "CS curves of the best and worst cells", lambda _a: cs_plot(cs_curves or {})),
+    ]
+    figs = []
+    for name, title, make in builders:
+        fig = make(a)
+        if fig is not None:
+            figs.append((name, title, save_png(fig, fig_dir / f"{name}.png")))
+    return figs
+
+
+def _markdown(a: Analysis, page: _Page) -> str:
+    md = [f"# {page.title}", "", f"_{page.meta_line}_", ""]
+    if page.description:
+        md += [page.description, ""]
     md += ["## Verdict", "", *[f"- {s}" for s in a.verdict], ""]
-    for head, body in sections:
+    for head, body in page.sections:
         md += [f"## {head}", ""]
         for kind, item in body:
             md += [md_table(item) if kind == "table" else item, ""]
-    if figs:
+    if page.figs:
         md += ["## Figures", ""]
-        md += [f"![{t}](figures/{p.name})" for _n, t, p in figs]
+        md += [f"![{t}](figures/{p.name})" for _n, t, p in page.figs]
         md.append("")
     md += ["## How to read this", "", *[f"- {s}" for s in HOW_TO_READ], ""]
-    md_path = folder / "report.md"
-    md_path.write_text("\n".join(md), encoding="utf-8")
+    return "\n".join(md)
 
+
+def _html(a: Analysis, page: _Page) -> str:
+    """One self-contained page: figures embedded as data URIs."""
+    title = html.escape(page.title)
     h = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1><p class='meta'>{html.escape(meta_line)}</p>",
+        f"<title>{title}</title><style>{CSS}</style></head><body>",
+        f"<h1>{title}</h1><p class='meta'>{html.escape(page.meta_line)}</p>",
     ]
-    if meta.get("description"):
-        h.append(f"<p>{html.escape(str(meta['description']).strip())}</p>")
+    if page.description:
+        h.append(f"<p>{html.escape(page.description)}</p>")
     h.append("<h2 id='verdict'>Verdict</h2><ul class='verdict'>")
     h += [f"<li>{html.escape(s)}</li>" for s in a.verdict]
     h.append("</ul>")
-    for head, body in sections:
+    for head, body in page.sections:
         h.append(f"<h2>{html.escape(head)}</h2>")
         for kind, item in body:
             h.append(html_table(item) if kind == "table" else f"<p>{html.escape(item)}</p>")
-    if figs:
+    if page.figs:
         h.append("<h2 id='figures'>Figures</h2>")
-        for name, t, p in figs:
+        for name, t, p in page.figs:
             data = base64.b64encode(p.read_bytes()).decode()
             h.append(
                 f"<figure id='fig-{name}'><img alt='{html.escape(t)}' "
@@ -519,9 +551,7 @@ def write(
     h.append("<h2>How to read this</h2><ul>")
     h += [f"<li>{html.escape(s)}</li>" for s in HOW_TO_READ]
     h.append("</ul></body></html>")
-    html_path = folder / "report.html"
-    html_path.write_text("\n".join(h), encoding="utf-8")
-    return md_path, html_path
+    return "\n".join(h)
 
 
 def _sections(a: Analysis) -> list[tuple[str, list[tuple[str, Any]]]]:

@@ -1,0 +1,270 @@
+"""The verdict: plain sentences, each backed by a number in the report's tables.
+
+A sentence never says more than its test supports: a significant effect gets its direction,
+size, interval and Holm-adjusted p; anything else is "no detectable difference" (flagged
+"borderline" when only the unadjusted interval excludes 0); a disagreement between the ANOVA
+and the paired test is said as such, not turned into a claim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from agelab.metrics import LAPLACE_CS_AT_MAE, NORMAL_CS_AT_MAE
+from agelab.report.design import STATES
+from agelab.report.text import conf_label, format_p, pct, years
+
+if TYPE_CHECKING:
+    from agelab.report.analysis import Analysis
+
+#: What the coverage rule of thumb concludes, by :func:`coverage_summary`'s ``fits``.
+COVERAGE_FITS = {
+    "normal": "consistent with normal residuals, not with Laplace",
+    "laplace": "consistent with Laplace residuals, not with normal",
+    "both": "the interval contains both predictions: cannot tell them apart",
+    "between": "between the two predictions, consistent with neither",
+    "below": "below both predictions: fewer errors fall within the MAE than normal or "
+    "Laplace residuals would give (look for bias or a spread-out error distribution)",
+    "above": "above both predictions: errors are more concentrated than even Laplace "
+    "residuals give (a sharp peak with heavy tails)",
+    "too few runs": "one run only: no interval",
+}
+
+
+def verdict(a: Analysis) -> list[str]:
+    """The report's sentences, in reading order."""
+    out = [_scope(a)]
+    if not (a.runs["state"] == "COMPLETE").any():
+        out.append("No trial has completed yet: nothing can be concluded.")
+        return out
+    out += _single_replicates(a)
+    out += [_comparison(a, r) for r in a.comparisons.itertuples()]
+    out += _anova_sentences(a)
+    out += _importances(a)
+    out += _best(a)
+    out += _coverage(a)
+    if len(a.complete) and a.complete["mae"].notna().any() and a.design.sampler == "tpe":
+        out.append(
+            "TPE chooses cells adaptively: cells are not replicated evenly, so comparisons "
+            "rest on whatever pairs it happened to run."
+        )
+    return out
+
+
+def _n_cells(a: Analysis) -> int:
+    return int((a.cells["n"] > 0).sum())
+
+
+def _scope(a: Analysis) -> str:
+    """How many trials the conclusions rest on, and what was lost."""
+    counts = {s: int((a.runs["state"] == s).sum()) for s in STATES}
+    planned = a.design.planned
+    scope = (
+        f"Based on {counts['COMPLETE']} completed trial(s) in {_n_cells(a)} cell(s)"
+        + (f" of {planned} planned" if planned else "")
+        + "."
+    )
+    lost = [
+        f"{counts[s]} {w}"
+        for s, w in (
+            ("FAIL", "failed"),
+            ("PRUNED", "pruned"),
+            ("KILLED", "lost to a crash"),
+            ("RUNNING", "still running"),
+        )
+        if counts[s]
+    ]
+    if lost:
+        scope = scope[:-1] + f"; {', '.join(lost)}."
+    return scope
+
+
+def _single_replicates(a: Analysis) -> list[str]:
+    single = a.cells[(a.cells["n"] == 1)]
+    if not len(single):
+        return []
+    return [
+        f"{len(single)} of {_n_cells(a)} cell(s) have a single replicate: no confidence interval "
+        "for them, and comparisons rest only on pairs across the other factors — add seeds "
+        "(search.seeds) to replicate."
+    ]
+
+
+def _comparison(a: Analysis, r: Any) -> str:
+    """One paired comparison (pooled over the other factors and seeds)."""
+    c = conf_label(a.confidence)
+    what = f"{r.factor} = {r.level_b} instead of {r.level_a}"
+    if r.n_pairs >= 2 and not math.isfinite(r.p) and math.isfinite(r.diff):
+        return (
+            f"{what}: all {r.n_pairs} matched pairs differ by exactly {r.diff:+.2f} years — "
+            "no variation to test (identical runs?)."
+        )
+    if r.n_pairs < 2 or not math.isfinite(r.p):
+        return (
+            f"{what}: cannot be tested — {r.n_pairs} matched pair(s) "
+            "(same seed and other choices); add replicates."
+        )
+    basis = f"{r.n_pairs} pairs" + (f": {r.strata}" if r.strata else "")
+    if r.significant:
+        direction = "lowered" if r.diff < 0 else "raised"
+        lo, hi = (-r.hi, -r.lo) if r.diff < 0 else (r.lo, r.hi)
+        return (
+            f"{what} {direction} test MAE by {years(abs(r.diff))} years ({c} CI "
+            f"{years(lo)} to {years(hi)}, Holm-adjusted {format_p(r.p_holm)}, {basis})."
+        )
+    text = (
+        f"{what}: no detectable difference in test MAE ({r.diff:+.2f} years, {c} CI "
+        f"{years(r.lo)} to {years(r.hi)}, Holm-adjusted {format_p(r.p_holm)}, {basis})"
+    )
+    if r.lo > 0 or r.hi < 0:
+        text += (
+            "; the unadjusted interval excludes 0, but the difference does not survive the "
+            "correction for the report's other tests: borderline, replicate before relying "
+            "on it"
+        )
+    return text + _anova_disagrees(a, r.factor) + "."
+
+
+def _anova_disagrees(a: Analysis, factor: str) -> str:
+    """When the paired test finds nothing but the ANOVA finds a main effect of ``factor``."""
+    if a.anova is None:
+        return ""
+    hit = a.anova[(a.anova["term"] == factor) & a.anova["significant"]]
+    if hit.empty:
+        return ""
+    main = hit.iloc[0]
+    interacts = a.anova[
+        a.anova["interaction"]
+        & a.anova["significant"]
+        & a.anova["term"].str.split(" × ").apply(lambda t: factor in t)
+    ]
+    text = (
+        f"; the ANOVA does detect an effect of {factor} (F-test, Holm-adjusted "
+        f"{format_p(main['p_holm'])}, η² = {main['eta_sq']:.2f})"
+    )
+    if len(interacts):
+        return text + (
+            f", whose size depends on {', '.join(interacts['term'])}: see the per-level comparisons"
+        )
+    return text + ": the two tests disagree, so the evidence is borderline"
+
+
+def _anova_sentences(a: Analysis) -> list[str]:
+    """Interactions, then the ANOVA terms no paired comparison spoke about."""
+    if a.anova is None:
+        return [f"No ANOVA: {a.anova_note}."] if a.anova_note else []
+    out = []
+    inter = a.anova[a.anova["interaction"]]
+    for r in inter.itertuples():
+        if r.significant:
+            out.append(_interaction(a, r))
+    quiet = inter[~inter["significant"]]
+    if len(quiet):
+        out.append(
+            "No detectable interaction: "
+            + ", ".join(quiet["term"])
+            + f" (smallest Holm-adjusted {format_p(float(quiet['p_holm'].min()))})."
+        )
+    tested = set(a.comparisons["factor"])
+    for r in a.anova[~a.anova["interaction"] & ~a.anova["block"]].itertuples():
+        if r.term in tested:
+            continue  # said above, with its paired comparison
+        # Numeric covariates, and factors without matched pairs (random search).
+        if r.significant:
+            out.append(
+                f"{r.term} affects test MAE (F-test, Holm-adjusted {format_p(r.p_holm)}, "
+                f"η² = {r.eta_sq:.2f})."
+            )
+        else:
+            out.append(
+                f"{r.term}: no detectable effect on test MAE (F-test, Holm-adjusted "
+                f"{format_p(r.p_holm)})."
+            )
+    return out
+
+
+def _interaction(a: Analysis, r: Any) -> str:
+    """A significant interaction, with the per-level differences where the effect lives."""
+    f1, f2 = r.term.split(" × ")
+    parts = a.simple_effects[
+        (a.simple_effects["factor"] == f1) & a.simple_effects["at"].str.startswith(f2 + "=")
+    ]
+    detail = "; ".join(
+        f"at {s.at}: {s.level_b} − {s.level_a} = {s.diff:+.2f} ({years(s.lo)} to {years(s.hi)})"
+        for s in parts.itertuples()
+    )
+    return (
+        f"The effect of {f1} depends on {f2} (interaction F-test, Holm-adjusted "
+        f"{format_p(r.p_holm)}, η² = {r.eta_sq:.2f})" + (f": {detail}." if detail else ".")
+    )
+
+
+def _importances(a: Analysis) -> list[str]:
+    if not a.importances:
+        return []
+    top = sorted(a.importances.items(), key=lambda kv: -kv[1])
+    return [
+        "fANOVA importance for test MAE: "
+        + ", ".join(f"{a.design.label(k)} {v:.2f}" for k, v in top)
+        + " (descriptive: no test behind it)."
+    ]
+
+
+def _best(a: Analysis) -> list[str]:
+    """The best cell by the objective and how it stands against the runner-up."""
+    b = a.best
+    if not b:
+        return []
+    c = conf_label(a.confidence)
+    best = b["best"]
+    by = "calib MAE" if b["by"] == "calib_mae" else "test MAE"
+    ci = (
+        f", {c} CI {years(best['mae_lo'])}–{years(best['mae_hi'])}"
+        if math.isfinite(best["mae_lo"])
+        else ""
+    )
+    text = (
+        f"Best cell by {by}: {best['cell']}, test MAE {years(best['mae'])} years{ci} "
+        f"({best['n']} replicate(s))."
+    )
+    runner = b["runner_up"]
+    if runner is None:
+        return [text]
+    r_ci = f"CI {years(runner['mae_lo'])}–{years(runner['mae_hi'])}"
+    if b["distinguishable"] is None:
+        text += (
+            f" Runner-up {runner['cell']} ({years(runner['mae'])}): too few replicates "
+            "to tell them apart."
+        )
+    elif not b["distinguishable"]:
+        text += (
+            f" Runner-up {runner['cell']} ({years(runner['mae'])}, {r_ci}) is not "
+            "distinguishable from it (the intervals overlap)."
+        )
+    else:
+        text += (
+            f" Its test-MAE interval does not overlap the runner-up's ({runner['cell']}, "
+            f"{years(runner['mae'])}, {r_ci})."
+        )
+    return [text]
+
+
+def _coverage(a: Analysis) -> list[str]:
+    """The coverage rule of thumb: observed share within the MAE vs normal and Laplace."""
+    cov = a.coverage
+    if not cov["n"]:
+        return []
+    fits = COVERAGE_FITS[cov["fits"]]
+    ci = (
+        f" ({conf_label(a.confidence)} CI {pct(cov['lo'])}–{pct(cov['hi'])})"
+        if cov["n"] > 1
+        else ""
+    )
+    vs = ", ".join(f"{k} {v}" for k, v in cov["verdicts"].items())
+    return [
+        f"Across {cov['n']} run(s) the share of test errors within the MAE averaged "
+        f"{pct(cov['mean'])}{ci}; normal residuals predict {pct(NORMAL_CS_AT_MAE)}, "
+        f"Laplace {pct(LAPLACE_CS_AT_MAE)}: {fits}. {cov['closer_to_normal']} of "
+        f"{cov['n']} runs are closer to the normal prediction. Per-run shape verdicts: {vs}."
+    ]

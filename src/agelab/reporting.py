@@ -1,0 +1,164 @@
+"""The ablation report of a study in the store: read its runs, analyse, write, log.
+
+The wiring between :mod:`agelab.tracking` (the study's runs from MLflow as a DataFrame),
+:mod:`agelab.report` (pure analysis and rendering) and :mod:`agelab.study` (fANOVA
+importances by Optuna). ``agelab report`` calls it, and ``agelab run`` after each study.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from agelab.config import ReportConfig, StudyConfig, TrackingConfig
+from agelab.errors import ReportError
+from agelab.report import Analysis, Design, analyse, design_from_parent, render, runs_table
+from agelab.tracking import TAG_KIND, TAG_STUDY, Tracker
+
+
+@dataclass
+class ReportResult:
+    analysis: Analysis
+    folder: Path
+    markdown: Path
+    html: Path
+    parent_run_id: str | None
+
+
+def report_for_config(cfg: StudyConfig, **kwargs: Any) -> ReportResult:
+    return build_report(
+        cfg.name, cfg.tracking, cfg.report, experiment=cfg.tracking.experiment, **kwargs
+    )
+
+
+def build_report(
+    study: str,
+    tracking: TrackingConfig,
+    report: ReportConfig | None = None,
+    *,
+    experiment: str | None = None,
+    out_dir: Path | None = None,
+    log: bool = True,
+) -> ReportResult:
+    """Read a study's runs, analyse them, write ``report.md`` / ``report.html`` + figures to
+    ``<tracking.root>/reports/<study>/`` and log them on the study's latest parent run."""
+    report = report or ReportConfig()
+    tracker = Tracker(tracking, experiment or study, create=False)
+    runs = tracker.search_frame(f"tags.`{TAG_STUDY}` = '{study}'")
+    kind = runs.get(f"tags.{TAG_KIND}", pd.Series(index=runs.index, dtype=object))
+    parents, trials = runs[kind == "study"], runs[kind == "trial"]
+    if parents.empty:
+        raise ReportError(
+            f"no runs of study {study!r} in {tracker.experiment_name!r} at "
+            f"{tracker.display_uri}: run it first (agelab run <config>), or point "
+            "tracking.root / MLFLOW_TRACKING_URI at the store that has it"
+        )
+    parent = parents.loc[parents["start_time"].fillna(0).idxmax()]  # the latest invocation
+    parent_params = _prefixed(parent, "params.")
+    design = design_from_parent(parent_params)
+    analysis = _analyse(trials, design, parent_params, report)
+    folder = Path(out_dir) if out_dir else tracking.root / "reports" / study
+    cs_curves = _cs_curves(tracker, analysis) if report.figures else {}
+    md, html = render.write(
+        analysis,
+        folder,
+        meta=_meta(study, tracker, design, _prefixed(parent, "tags."), parent["run_id"]),
+        figures=report.figures,
+        cs_curves=cs_curves,
+    )
+    if log:
+        tracker.log_artifacts(parent["run_id"], folder, "report")
+    return ReportResult(analysis, folder, md, html, parent["run_id"])
+
+
+def _prefixed(row: pd.Series, prefix: str) -> dict[str, str]:
+    """``params.*`` / ``tags.*`` of one run as a plain dict (absent ones left out)."""
+    return {
+        k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix) and isinstance(v, str)
+    }
+
+
+def _analyse(
+    trials: pd.DataFrame, design: Design, parent_params: dict[str, str], report: ReportConfig
+) -> Analysis:
+    table = runs_table(trials, design)
+    if table.empty:
+        table = pd.DataFrame(columns=[*design.keys, "seed", "mae", "state"])
+    importances = None
+    if design.sampler != "grid" and len(design.keys) >= 1:
+        from agelab.study import param_importances
+
+        done = table[table["state"] == "COMPLETE"]
+        importances = param_importances(
+            json.loads(parent_params.get("search.space", "{}")),
+            done[design.keys].to_dict("records"),
+            done["mae"].astype(float).tolist(),
+        )
+    return analyse(
+        table, design, alpha=report.alpha, confidence=report.confidence, importances=importances
+    )
+
+
+def _meta(
+    study: str, tracker: Tracker, design: Design, tags: dict[str, str], parent_id: str
+) -> dict[str, str]:
+    """The report's header line: where the runs come from and what produced them."""
+    return {
+        "study": study,
+        "experiment": tracker.experiment_name,
+        "store": tracker.display_uri,
+        "parent_run": parent_id,
+        "sampler": design.sampler,
+        "config_hash": tags.get("agelab.config_hash", ""),
+        "git_commit": tags.get("agelab.git_commit", ""),
+        "dataset": tags.get("agelab.dataset_fingerprint", "")[:12],
+        "device": tags.get("agelab.device", ""),
+        "description": tags.get("mlflow.note.content", ""),
+    }
+
+
+def _cs_curves(tracker: Tracker, analysis: Analysis) -> dict[str, pd.DataFrame]:
+    """Mean CS curve (observed and predicted) of the best and worst cells' runs."""
+    if analysis.best is None or "run_id" not in analysis.runs:
+        return {}
+    order = analysis.best["order"]
+    cells = analysis.cells.set_index("cell")
+    picks = {"best": cells.loc[order[0]]}
+    if len(order) > 1:
+        picks["worst"] = cells.loc[order[-1]]
+    done = analysis.complete
+    out = {}
+    for which, cell in picks.items():
+        mask = np.ones(len(done), dtype=bool)
+        for k in analysis.design.keys:
+            mask &= (done[k].astype(str) == str(cell[k])).to_numpy()
+        curves = _download_curves(tracker, done.loc[mask, "run_id"])
+        if curves:
+            mean = pd.concat(curves).groupby("k", as_index=False).mean()
+            mean.attrs["cell"] = cell.name
+            mean.attrs["n"] = len(curves)
+            out[which] = mean
+    return out
+
+
+def _download_curves(tracker: Tracker, run_ids: pd.Series) -> list[pd.DataFrame]:
+    curves = []
+    with tempfile.TemporaryDirectory(prefix="agelab-report-") as scratch:
+        for run_id in run_ids:
+            path = tracker.download_artifact(run_id, "cs_curve.csv", Path(scratch) / run_id)
+            if path is not None:
+                curves.append(pd.read_csv(path))
+    return curves
+
+
+def print_verdict(result: ReportResult, header: str) -> None:
+    """The verdict sentences on stdout, under ``header``."""
+    print(header)
+    for sentence in result.analysis.verdict:
+        print(f"  - {sentence}")

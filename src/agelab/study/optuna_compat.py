@@ -1,0 +1,34 @@
+"""The two things agelab needs from Optuna that its public API does not offer.
+
+Everything else in :mod:`agelab.study` uses Optuna's public API. These rely on private
+names, pinned by ``tests/test_study_plan.py::test_optuna_private_api_agelab_relies_on`` so
+that an Optuna upgrade that changes them fails there, not in the middle of a study.
+
+* Taking a *planned* trial: ``Study.ask()`` pops a WAITING (enqueued) trial when there is
+  one, but otherwise creates a new, unplanned trial; a worker of a grid must stop instead.
+  ``Study._pop_waiting_trial_id`` is the atomic WAITING→RUNNING step inside ``ask``.
+* Annotating a trial this process does not own (the trial of a dead worker, found by
+  recovery): ``Trial.set_user_attr`` needs a live ``Trial``, which another process holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+
+def pop_waiting_trial(study: optuna.Study) -> optuna.Trial | None:
+    """Take one enqueued trial (atomic WAITING→RUNNING in every storage), or None when the
+    queue is empty: never creates an unplanned trial, unlike ``study.ask()``."""
+    trial_id = study._pop_waiting_trial_id()
+    return None if trial_id is None else optuna.Trial(study, trial_id)
+
+
+def set_user_attr(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, key: str, value: Any
+) -> None:
+    """``trial.set_user_attr(key, value)`` for a trial held by another (dead) process.
+
+    Raises ``optuna.exceptions.UpdateFinishedTrialError`` if it finished meanwhile."""
+    study._storage.set_trial_user_attr(trial._trial_id, key, value)

@@ -1,0 +1,225 @@
+"""What a study runs: its trials planned up front, and trials of dead workers re-queued.
+
+For ``grid`` and ``random`` samplers every trial (a cell × a replicate seed) is decided
+up front and enqueued in the Optuna study. Workers take trials from that queue with
+Optuna's atomic WAITING→RUNNING transition, so no cell runs twice, on one machine or many.
+(Optuna's ``GridSampler`` alone may repeat cells under parallel workers; its own docs say
+so.) ``tpe`` is adaptive and asks as it goes.
+
+A running trial carries its worker's host, pid and a heartbeat refreshed every epoch.
+Before planning, a trial whose worker is gone (same host and pid dead, or no heartbeat for
+``STALE_AFTER_S`` seconds) is marked FAIL, its MLflow run closed as KILLED and its cell put
+back in the queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from agelab.config import Range, StudyConfig
+from agelab.processes import pid_alive
+from agelab.study import optuna_compat
+from agelab.tracking import (
+    FINISHED,
+    KILLED,
+    TAG_REASON,
+    TAG_STATE,
+    TAG_TRIAL,
+    TAG_WORKER_HOST,
+    TAG_WORKER_PID,
+    Tracker,
+)
+
+SEED_PARAM = "seed"
+STALE_AFTER_S = float(os.environ.get("AGELAB_STALE_AFTER", "900"))
+# Trial user attributes.
+A_KEY, A_CELL, A_HOST, A_PID, A_BEAT = "plan_key", "cell", "host", "pid", "heartbeat"
+A_RUN, A_REASON = "mlflow_run_id", "fail_reason"
+#: Fail reasons that start with this are the trial's own (it ran and failed): not re-planned.
+ERROR_PREFIX = "error:"
+#: ... and with this, its worker died: the cell goes back in the queue.
+DIED_PREFIX = "worker died"
+
+
+# ----------------------------------------------------------------------- the space
+
+
+def space_distributions(
+    space: dict[str, list[Any] | Range],
+) -> dict[str, optuna.distributions.BaseDistribution]:
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for key, choices in space.items():
+        if isinstance(choices, Range):
+            if choices.int:
+                out[key] = optuna.distributions.IntDistribution(
+                    int(choices.low), int(choices.high), log=choices.log
+                )
+            else:
+                out[key] = optuna.distributions.FloatDistribution(
+                    choices.low, choices.high, log=choices.log
+                )
+        else:
+            out[key] = optuna.distributions.CategoricalDistribution(choices)
+    return out
+
+
+def distributions(cfg: StudyConfig) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The searched params and the replicate seed, as Optuna distributions."""
+    out = space_distributions(cfg.search.space)
+    out[SEED_PARAM] = optuna.distributions.CategoricalDistribution(list(cfg.search.seeds))
+    return out
+
+
+def suggest(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
+    """The trial's params through the public suggest API (an enqueued trial gets its fixed
+    params back; a TPE trial gets the sampler's choice)."""
+    params: dict[str, Any] = {}
+    for key, d in distributions(cfg).items():
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            params[key] = trial.suggest_categorical(key, d.choices)
+        elif isinstance(d, optuna.distributions.IntDistribution):
+            params[key] = trial.suggest_int(key, d.low, d.high, step=d.step, log=d.log)
+        else:
+            params[key] = trial.suggest_float(key, d.low, d.high, step=d.step, log=d.log)
+    return params
+
+
+def cell_id(params: dict[str, Any]) -> str:
+    """A cell: one point of the space, all replicate seeds together."""
+    return " | ".join(f"{k}={params[k]}" for k in sorted(params) if k != SEED_PARAM)
+
+
+def plan_key(params: dict[str, Any]) -> str:
+    """A planned trial: a cell and one replicate seed."""
+    return f"{cell_id(params)} | seed={params[SEED_PARAM]}"
+
+
+def trial_config(cfg: StudyConfig, params: dict[str, Any]) -> StudyConfig:
+    """The study config with one trial's params applied and its seed in ``train.seed``."""
+    overrides = {k: v for k, v in params.items() if k != SEED_PARAM}
+    overrides["train.seed"] = params[SEED_PARAM]
+    return cfg.with_params(overrides)
+
+
+# -------------------------------------------------------------------------- planning
+
+
+def planned_trials(cfg: StudyConfig) -> list[dict[str, Any]]:
+    """Every trial of a grid or random study, in a fixed order (cells × seeds)."""
+    keys = list(cfg.search.space)
+    if cfg.search.sampler == "grid":
+        points = [
+            dict(zip(keys, values, strict=True))
+            for values in itertools.product(*(cfg.search.space[k] for k in keys))
+        ]
+    elif cfg.search.sampler == "random":
+        points = _random_points(cfg)
+    else:
+        return []
+    return [p | {SEED_PARAM: s} for p in points for s in cfg.search.seeds]
+
+
+def _random_points(cfg: StudyConfig) -> list[dict[str, Any]]:
+    # Drawn with Optuna's own seeded RandomSampler in memory, so the same seed gives the
+    # same plan on every machine.
+    dists = space_distributions(cfg.search.space)
+    draft = optuna.create_study(sampler=optuna.samplers.RandomSampler(cfg.search.sampler_seed))
+    points = []
+    for _ in range(int(cfg.search.n_trials or 0)):
+        trial = draft.ask(dists)
+        points.append(dict(trial.params))
+        draft.tell(trial, 0.0)
+    return points
+
+
+def _taken(study: optuna.Study) -> set[str]:
+    """Plan keys that need no new trial: done, queued, running, or failed on their own."""
+    busy = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
+    return {
+        t.user_attrs.get(A_KEY)
+        for t in study.get_trials(deepcopy=False)
+        if t.state in busy
+        or (t.state == TrialState.FAIL and t.user_attrs.get(A_REASON, "").startswith(ERROR_PREFIX))
+    }
+
+
+def enqueue(study: optuna.Study, params: dict[str, Any]) -> None:
+    key = plan_key(params)
+    study.enqueue_trial(params, user_attrs={A_KEY: key, A_CELL: cell_id(params)})
+
+
+def plan(study: optuna.Study, cfg: StudyConfig) -> int:
+    """Enqueue the planned trials that are not done, queued or running. Returns count."""
+    taken = _taken(study)
+    added = 0
+    for params in planned_trials(cfg):
+        key = plan_key(params)
+        if key in taken:
+            continue
+        enqueue(study, params)
+        taken.add(key)
+        added += 1
+    return added
+
+
+# -------------------------------------------------------------------------- recovery
+
+
+def is_stale(trial: optuna.trial.FrozenTrial, now: float | None = None) -> bool:
+    attrs = trial.user_attrs
+    now = time.time() if now is None else now
+    beat = float(
+        attrs.get(A_BEAT, trial.datetime_start.timestamp() if trial.datetime_start else now)
+    )
+    if attrs.get(A_HOST) == socket.gethostname() and A_PID in attrs:
+        return not pid_alive(int(attrs[A_PID])) or now - beat > STALE_AFTER_S
+    return now - beat > STALE_AFTER_S
+
+
+def recover(study: optuna.Study, tracker: Tracker) -> int:
+    """Fail trials whose worker died, close their runs, re-queue their cells (the next
+    :func:`plan` enqueues them again). Returns how many trials were recovered."""
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if is_stale(t) and _fail_dead_trial(study, tracker, t):
+            n += 1
+    _close_orphan_runs(study, tracker)
+    return n
+
+
+def _fail_dead_trial(study: optuna.Study, tracker: Tracker, t: optuna.trial.FrozenTrial) -> bool:
+    reason = f"{DIED_PREFIX} (host {t.user_attrs.get(A_HOST)}, pid {t.user_attrs.get(A_PID)})"
+    try:
+        optuna_compat.set_user_attr(study, t, A_REASON, reason)
+        study.tell(t.number, state=TrialState.FAIL)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+        return False  # finished meanwhile
+    run_id = t.user_attrs.get(A_RUN)
+    if run_id:
+        tracker.set_tags(run_id, {TAG_STATE: "FAIL", TAG_REASON: reason})
+        tracker.end_run(run_id, KILLED)
+    return True
+
+
+def _close_orphan_runs(study: optuna.Study, tracker: Tracker) -> None:
+    """MLflow runs whose process is gone (killed before the trial knew its run id, or the
+    parent run of a dead invocation): finished if their trial completed, else killed."""
+    complete = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    host = socket.gethostname()
+    for run in tracker.running_runs():
+        tags = run.data.tags
+        pid = tags.get(TAG_WORKER_PID)
+        if tags.get(TAG_WORKER_HOST) != host or pid is None or pid_alive(int(pid)):
+            continue
+        trial_no = tags.get(TAG_TRIAL)
+        done = trial_no is not None and int(trial_no) in complete
+        if done:  # killed between Optuna's tell and closing the run
+            tracker.set_tags(run.info.run_id, {TAG_STATE: "COMPLETE"})
+        tracker.end_run(run.info.run_id, FINISHED if done else KILLED)
