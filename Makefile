@@ -30,14 +30,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
-sysdeps: ## install Debian packages the full test run uses (postgresql, chromium), when root
+sysdeps: ## install Debian packages the full test run uses (postgresql, chromium, chromium-driver), when root
 	@bash scripts/sysdeps.sh
 
 demo: install ## run the default study on embedded synthetic faces (~10 min on 2 idle CPU cores)
 	$(AGELAB) run experiments/demo.yaml $(ARGS)
 
 test: install sysdeps ## the whole suite: slow, PostgreSQL, browser; GPU tests skip with a reason without CUDA
-	$(PYTEST) $(ARGS)
+	$(PYTEST) --durations=15 $(ARGS)
 
 test-fast: install ## quick tests only (no slow, PostgreSQL or browser tests)
 	$(PYTEST) -m "not slow and not postgres and not browser and not gpu" $(ARGS)
@@ -79,7 +79,7 @@ bench-quick: install ## the same comparisons at small sizes (< 2 min on 2 idle C
 preview: install ## contact sheet of synthetic faces -> docs/img/synthetic_preview.png
 	$(AGELAB) data preview --rows 6 --cols 7 --out docs/img/synthetic_preview.png $(ARGS)
 
-clean: ## remove caches and the venv; mlruns/ only with FORCE=1
+clean: ## remove caches; the venv only with VENV_TOO=1, mlruns/ only with FORCE=1
 	rm -rf .cache .pytest_cache .ruff_cache .hypothesis test-artifacts
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
 	@if [ "$(FORCE)" = "1" ]; then \

@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny study configs on an isolated store, the real-data sample."""
+"""Shared fixtures: an isolated cache, one torch thread, the real-face sample, Chromium.
+
+Plain helper functions (tiny study configs, image writers, servers) live in ``helpers/``."""
 
 from __future__ import annotations
 
@@ -7,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-FACES_SAMPLE = REPO.parent / "shared" / "data" / "faces-sample"
+from helpers import FACES_SAMPLE, REPO
 
 # Tests never touch the user's mlruns/ or cache, and never wait on a remote server.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -28,16 +29,30 @@ def one_torch_thread():
 
 
 @pytest.fixture
-def chromium() -> str:
-    from browser import find_chromium
+def chromium(tmp_path: Path, request: pytest.FixtureRequest):
+    """Headless Chromium under Selenium (a WebDriver), or a skip saying what to install.
 
-    exe = find_chromium()
-    if exe is None:
-        pytest.skip(
-            "Chromium not found (chromium on PATH or /usr/bin/chromium): install the Debian "
-            "package `chromium` (`make sysdeps` does it as root)"
-        )
-    return exe
+    When the test fails, the page it was on goes to ``test-artifacts/<test>-failure.png/.txt``.
+    """
+    import contextlib
+
+    from helpers.browser import missing, page_text, start_chromium
+
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    driver = start_chromium(tmp_path / "chromium-profile", tmp_path / "chromedriver.log")
+    failed_before = request.session.testsfailed
+    try:
+        yield driver
+    finally:
+        if request.session.testsfailed > failed_before:
+            with contextlib.suppress(Exception):
+                shot = REPO / "test-artifacts" / f"{request.node.name}-failure.png"
+                shot.parent.mkdir(exist_ok=True)
+                driver.save_screenshot(str(shot))
+                shot.with_suffix(".txt").write_text(page_text(driver))
+        driver.quit()
 
 
 @pytest.fixture
@@ -52,39 +67,3 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     # One cache per test session: tests may share generated data but never the user's.
     cache = tmp_path_factory.getbasetemp() / "agelab-cache"
     monkeypatch.setenv("AGELAB_CACHE_DIR", str(cache))
-
-
-def tiny_study(root: Path, name: str = "t", **sections) -> dict:
-    """A raw study mapping on an isolated store under ``root``: seconds per trial on CPU."""
-    raw = {
-        "name": name,
-        "data": {
-            "source": "synthetic",
-            "image_size": 32,
-            "synthetic": {"n_images": 160, "images_per_subject": 4, "seed": 0},
-        },
-        "model": {"backbone": "resnet10t"},
-        "train": {
-            "epochs": 1,
-            "batch_size": 32,
-            "warmup_epochs": 0,
-            "patience": None,
-            "progress": False,
-            "threads": 1,
-            "augment": {"enabled": False},
-        },
-        "search": {
-            "sampler": "grid",
-            "seeds": [0],
-            "space": {"model.norm": ["batch", "none"], "model.act": ["relu", "tanh"]},
-        },
-        "tracking": {"root": str(root / "mlruns"), "log_figures": False},
-        # The report is written at the end of every study (figures: tests/test_report.py).
-        "report": {"figures": False},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict) and isinstance(raw.get(section), dict):
-            raw[section] = {**raw[section], **values}
-        else:
-            raw[section] = values
-    return raw

@@ -10,7 +10,7 @@ from PIL import Image
 
 from agelab.cli import main
 from agelab.config import DataConfig
-from agelab.data import load_dataset
+from agelab.data.load import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +32,42 @@ def test_bad_config_exits_2_naming_file_and_fields(capsys) -> None:
     assert code == 2
     assert "demo.yaml" in err and "model.norm: unknown norm 'batchnorm'" in err
     assert "train.epochs" in err
+
+
+def _user_errors() -> list[type]:
+    from agelab import errors
+
+    found = [
+        c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.UserError)
+    ]
+    assert len(found) >= 7, found  # the base and its six kinds
+    return found
+
+
+@pytest.mark.parametrize("kind", _user_errors(), ids=lambda c: c.__name__)
+def test_every_user_error_is_one_line_and_exit_2(kind: type, monkeypatch, capsys) -> None:
+    from agelab import cli
+
+    error = kind("study.yaml", ["bad thing"]) if kind.__name__ == "ConfigError" else kind("bad")
+
+    def fails(_args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_config", fails)
+    assert main(["config", str(REPO / "experiments/smoke.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("agelab: ") and "bad" in err and "Traceback" not in err
+
+
+def test_anything_else_is_a_bug_and_keeps_its_traceback(monkeypatch) -> None:
+    from agelab import cli
+
+    def bug(_args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_config", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["config", str(REPO / "experiments/smoke.yaml")])
 
 
 def test_config_prints_resolved_study(capsys) -> None:

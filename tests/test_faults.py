@@ -29,8 +29,8 @@ from optuna.trial import TrialState
 
 from agelab import faults
 from agelab.config import StudyConfig, load_config
-from agelab.data import load_dataset
 from agelab.data.cache import CacheWarning
+from agelab.data.load import load_dataset
 from agelab.study import (
     A_KEY,
     A_REASON,
@@ -42,7 +42,8 @@ from agelab.study import (
     storage_url,
 )
 from agelab.tracking import TAG_KIND, TAG_REASON, TAG_STUDY, TAG_TRIAL, default_uri
-from conftest import REPO, tiny_study
+from helpers import REPO
+from helpers.studies import tiny_study
 
 # ------------------------------------------------------------------------------ zygote
 
@@ -51,7 +52,8 @@ import json, os, re, resource, signal, sys, time, traceback
 import torch, timm, mlflow, optuna, sqlalchemy  # noqa: F401  (the import cost, paid once)
 from mlflow.tracking import MlflowClient  # noqa: F401
 import agelab.cli, agelab.study, agelab.objective, agelab.train, agelab.tracking  # noqa
-import agelab.data, agelab.data.synth, agelab.metrics, agelab.plots, agelab.models  # noqa
+import agelab.data.load, agelab.data.synth, agelab.metrics, agelab.plots, agelab.models  # noqa
+import agelab.reporting  # noqa
 
 
 def reply(obj):

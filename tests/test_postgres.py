@@ -1,6 +1,7 @@
 """Studies on a real PostgreSQL server: Optuna storage and MLflow backend store both on it.
 
 Needs the Debian package ``postgresql`` (``make sysdeps``); skips with the reason otherwise.
+The server is started by pytest-postgresql (``tests/helpers/postgres.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from pytest_postgresql.executors import PostgreSQLExecutor
 
 from agelab.config import validate
 from agelab.study import A_KEY, A_REASON, open_storage, open_study, run_study, storage_url
 from agelab.tracking import TAG_REASON, default_uri
-from conftest import tiny_study
-from pg import PgServer, PgUnavailable, pg_server
+from helpers.postgres import PgUnavailable, execute, postgres_server, url
+from helpers.studies import tiny_study
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -29,12 +31,10 @@ GRID_16 = {
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[PgServer]:
+def postgres() -> Iterator[PostgreSQLExecutor]:
     """One private PostgreSQL server for the session, with databases optuna and mlflow."""
     try:
-        with pg_server() as server:
-            server.create_database("optuna")
-            server.create_database("mlflow")
+        with postgres_server("optuna", "mlflow") as server:
             yield server
     except PgUnavailable as exc:
         pytest.skip(str(exc))
@@ -51,7 +51,7 @@ def study_and_runs(cfg):
 
 
 def test_four_workers_share_a_16_cell_grid_on_postgres(
-    tmp_path: Path, postgres: PgServer, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, postgres: PostgreSQLExecutor, capfd: pytest.CaptureFixture[str]
 ) -> None:
     cfg = validate(
         tiny_study(
@@ -61,8 +61,8 @@ def test_four_workers_share_a_16_cell_grid_on_postgres(
             tracking={
                 "root": str(tmp_path / "mlruns"),
                 "log_figures": False,
-                "storage": postgres.url("optuna"),
-                "uri": postgres.url("mlflow"),
+                "storage": url(postgres, "optuna"),
+                "uri": url(postgres, "mlflow"),
             },
         )
     )
@@ -103,17 +103,20 @@ def test_four_workers_share_a_16_cell_grid_on_postgres(
 
 
 def test_password_in_store_uris_is_masked(
-    tmp_path: Path, postgres: PgServer, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, postgres: PostgreSQLExecutor, capfd: pytest.CaptureFixture[str]
 ) -> None:
     user = "agelab_pw"
     password = "pw-" + secrets.token_hex(8)
     # Authentication is `trust`, so the password is not checked; it is in the URIs all the
     # same, as it would be on a real server, and must never be recorded.
-    postgres.execute(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
-    postgres.create_database("optuna_pw", owner=user)
-    postgres.create_database("mlflow_pw", owner=user)
-    storage = postgres.url("optuna_pw", user=user, password=password)
-    uri = postgres.url("mlflow_pw", user=user, password=password)
+    execute(
+        postgres,
+        f"CREATE ROLE {user} LOGIN PASSWORD '{password}'",
+        f"CREATE DATABASE optuna_pw OWNER {user}",
+        f"CREATE DATABASE mlflow_pw OWNER {user}",
+    )
+    storage = url(postgres, "optuna_pw", user=user, password=password)
+    uri = url(postgres, "mlflow_pw", user=user, password=password)
     assert password in storage and password in uri
 
     cfg = validate(

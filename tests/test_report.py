@@ -22,13 +22,15 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
+from agelab.cli import main
 from agelab.config import load_config
 from agelab.metrics import NORMAL_CS_AT_MAE
-from agelab.report import Design, analyse, holm, report_for_config, t_interval
-from agelab.report_render import write
+from agelab.report import Design, analyse, holm, runs_table, t_interval
+from agelab.report.render import write
+from agelab.reporting import report_for_config
 from agelab.study import run_study
-from agelab.tracking import default_uri
-from conftest import REPO
+from agelab.tracking import default_uri, runs_frame
+from helpers import REPO
 
 GRID = {
     "model.norm": ["batch", "none"],
@@ -141,6 +143,7 @@ def test_small_effect_with_few_replicates_is_not_overclaimed() -> None:
     assert "no detectable difference" in sentence
 
 
+@pytest.mark.slow
 def test_family_wise_false_positive_rate_on_null_tables() -> None:
     """100 seeded tables with no effect: how often does the report call anything significant?"""
     any_holm = any_raw = 0
@@ -206,7 +209,7 @@ def test_one_replicate_everywhere_gives_no_intervals_and_says_so() -> None:
 
 
 def fake_run(i: int, params: dict, metrics: dict, *, state: str = "COMPLETE", seed=0, **tags):
-    """An object shaped like an MLflow Run (what Tracker.search returns)."""
+    """An object shaped like an MLflow Run (what Tracker.search returns; runs_frame reads it)."""
     from types import SimpleNamespace
 
     key = " | ".join(f"{k}={v}" for k, v in sorted(params.items())) + f" | seed={seed}"
@@ -222,8 +225,6 @@ def fake_run(i: int, params: dict, metrics: dict, *, state: str = "COMPLETE", se
 
 
 def test_runs_table_matches_levels_dedupes_retries_and_fills_gaps() -> None:
-    from agelab.report import runs_table
-
     design = Design.from_space({"model.drop_rate": [0, 0.2], "model.norm": ["batch"]}, [0, 1])
     runs = []
     for i, (rate, seed) in enumerate(itertools.product([0, 0.2], [0, 1])):
@@ -234,7 +235,7 @@ def test_runs_table_matches_levels_dedupes_retries_and_fills_gaps() -> None:
     # A crash then a retry of the same planned trial: one row, the completed attempt.
     crashed = fake_run(9, {"model.drop_rate": 0, "model.norm": "batch"}, {}, state="KILLED")
     crashed.data.params = {}  # killed before its params were logged: the plan key names it
-    table = runs_table([crashed, *runs], design)
+    table = runs_table(runs_frame([crashed, *runs]), design)
     assert len(table) == 4 and set(table["state"]) == {"COMPLETE"}
     assert sorted(table["model.drop_rate"].tolist()) == [0, 0, 0.2, 0.2]
     assert table["attempts"].sum() == 5
@@ -245,8 +246,6 @@ def test_runs_table_matches_levels_dedupes_retries_and_fills_gaps() -> None:
 
 
 def test_one_factor_grid_and_a_study_where_everything_failed(tmp_path: Path) -> None:
-    from agelab.report import runs_table
-
     design = Design.from_space({"model.norm": ["batch", "none", "layer"]}, [0, 1])
     runs = [
         fake_run(i, {"model.norm": n}, {"mae": 9.0 + i, "calib_mae": 9.0})
@@ -255,7 +254,7 @@ def test_one_factor_grid_and_a_study_where_everything_failed(tmp_path: Path) -> 
     for i, r in enumerate(runs):
         r.data.params["trial.seed"] = str(i % 2)
         r.data.tags["agelab.plan_key"] += f"#{i}"
-    a = analyse(runs_table(runs, design), design)
+    a = analyse(runs_table(runs_frame(runs), design), design)
     assert sorted(a.cells["n"]) == [0, 2, 2]
     assert [m for m in a.missing if "no completed run" in m] == ["norm=layer: no completed run"]
     # Every trial failed: no test metric was ever logged, the report still says why.
@@ -264,7 +263,7 @@ def test_one_factor_grid_and_a_study_where_everything_failed(tmp_path: Path) -> 
                  **{"agelab.fail_reason": "error: diverged at epoch 1"})
         for i, n in enumerate(["batch", "none", "layer"])
     ]  # fmt: skip
-    a = analyse(runs_table(failed, design), design)
+    a = analyse(runs_table(runs_frame(failed), design), design)
     assert a.verdict[0].startswith("Based on 0 completed trial(s)") and "3 failed" in a.verdict[0]
     assert "nothing can be concluded" in a.verdict[1]
     assert any("diverged at epoch 1" in m for m in a.missing)
@@ -272,24 +271,20 @@ def test_one_factor_grid_and_a_study_where_everything_failed(tmp_path: Path) -> 
 
 
 def test_best_cell_uses_the_objective_not_the_last_epoch() -> None:
-    from agelab.report import runs_table
-
     design = Design.from_space({"model.norm": ["batch", "none"]}, [0])
     runs = [  # calib_mae's latest value is the last epoch's; best_calib_mae is the objective
         fake_run(0, {"model.norm": "batch"}, {"mae": 8.0, "calib_mae": 9.0, "best_calib_mae": 7.0}),
         fake_run(1, {"model.norm": "none"}, {"mae": 7.5, "calib_mae": 8.0, "best_calib_mae": 7.9}),
     ]
-    a = analyse(runs_table(runs, design), design)
+    a = analyse(runs_table(runs_frame(runs), design), design)
     assert a.best["by"] == "calib_mae" and a.best["best"]["cell"] == "norm=batch"
 
 
 def test_tpe_repeats_all_count() -> None:
-    from agelab.report import runs_table
-
     design = Design.from_space({"model.norm": ["batch", "none"]}, [0], sampler="tpe", n_trials=4)
     runs = [fake_run(i, {"model.norm": "batch"}, {"mae": 8.0 + i}) for i in range(3)]
     runs.append(fake_run(3, {"model.norm": "none"}, {"mae": 9.0}))
-    a = analyse(runs_table(runs, design), design)
+    a = analyse(runs_table(runs_frame(runs), design), design)
     assert int(a.cells.set_index("cell").loc["norm=batch", "n"]) == 3
     assert not any("planned trials have no result" in m for m in a.missing)
     assert any("TPE chooses cells adaptively" in v for v in a.verdict)
@@ -325,25 +320,24 @@ def test_odd_level_names_are_escaped_in_html(tmp_path: Path) -> None:
 def demo_study(tmp_path_factory: pytest.TempPathFactory):
     """The demo study (experiments/demo.yaml) shrunk to seconds a trial, in a real store."""
     tmp = tmp_path_factory.mktemp("demo-report")
-    cfg = load_config(
-        REPO / "experiments" / "demo.yaml",
-        [
-            "data.image_size=32",
-            "data.synthetic.n_images=240",
-            "train.epochs=1",
-            "train.batch_size=32",
-            "train.threads=1",
-            "train.progress=false",
-            f"tracking.root={tmp / 'mlruns'}",
-        ],
-    )
+    overrides = [
+        "data.image_size=32",
+        "data.synthetic.n_images=240",
+        "train.epochs=1",
+        "train.batch_size=32",
+        "train.threads=1",
+        "train.progress=false",
+        f"tracking.root={tmp / 'mlruns'}",
+    ]
+    cfg = load_config(REPO / "experiments" / "demo.yaml", overrides)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AGELAB_CACHE_DIR", str(tmp / "cache"))
-        summary = run_study(cfg, quiet=True)
-    assert summary.counts["COMPLETE"] == 8
+        # As a user runs it: `agelab run` writes the report when the study ends.
+        assert main(["run", str(REPO / "experiments" / "demo.yaml"), *overrides, "--quiet"]) == 0
     return cfg
 
 
+@pytest.mark.slow
 def test_study_end_writes_and_logs_the_report(demo_study) -> None:
     cfg = demo_study
     folder = cfg.tracking.root / "reports" / "demo"
@@ -371,9 +365,8 @@ def test_study_end_writes_and_logs_the_report(demo_study) -> None:
     assert sorted(runs["mae"]) == pytest.approx(trial_mae)
 
 
+@pytest.mark.slow
 def test_report_command_by_name_and_its_errors(demo_study, tmp_path: Path, capsys) -> None:
-    from agelab.cli import main
-
     cfg = demo_study
     env = os.environ | {"PYTHONPATH": str(REPO / "src")}
     out = tmp_path / "r"
@@ -394,16 +387,18 @@ def test_report_command_by_name_and_its_errors(demo_study, tmp_path: Path, capsy
     assert not (tmp_path / "empty").exists(), "reading a report must not create a store"
 
 
+@pytest.mark.slow
 def test_partial_real_study_report(tmp_path: Path, monkeypatch) -> None:
     import agelab.train as train
     from agelab.config import validate
-    from conftest import tiny_study
+    from agelab.errors import TrainingDiverged
+    from helpers.studies import tiny_study
 
     real_fit = train.fit
 
     def diverges_without_norm_on_seed_1(model, data, cfg, callbacks=(), **kw):
         if cfg.seed == 1 and not any("BatchNorm" in type(m).__name__ for m in model.modules()):
-            raise train.TrainingDiverged(epoch=1, step=3, lr=1e-3)
+            raise TrainingDiverged(epoch=1, step=3, lr=1e-3)
         return real_fit(model, data, cfg, callbacks, **kw)
 
     monkeypatch.setattr(train, "fit", diverges_without_norm_on_seed_1)
@@ -421,27 +416,27 @@ def test_partial_real_study_report(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_report_html_renders_in_chromium(chromium: str, demo_study, tmp_path: Path) -> None:
-    from agelab.report import report_for_config as again
-    from browser import Browser
+def test_report_html_renders_in_chromium(chromium, demo_study, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    from agelab.reporting import report_for_config as again
+    from helpers.browser import page_text, wait_until
 
     result = again(demo_study, log=False, out_dir=tmp_path / "report")
-    artifacts = REPO / "test-artifacts"
-    b = Browser(chromium, tmp_path / "profile", tmp_path / "chromium.log", size=(1280, 2400))
-    try:
-        b.goto(result.html.resolve().as_uri())
-        b.wait_for("document.readyState === 'complete' && !!document.querySelector('#verdict')")
-        verdict = b.js("[...document.querySelectorAll('ul.verdict li')].map(e => e.innerText)")
-        assert verdict == result.analysis.verdict
-        images = b.js(
-            "[...document.querySelectorAll('figure img')].map(i => "
-            "[i.closest('figure').id, i.complete && i.naturalWidth > 0 && i.naturalHeight > 0])"
-        )
-        names = {name for name, ok in images if ok}
-        assert {"fig-heatmap", "fig-interaction", "fig-coverage", "fig-cs_curves"} <= names, images
-        assert all(ok for _name, ok in images)
-        assert "Paired comparisons" in b.text()
-        shot = b.screenshot(artifacts / "report.png")
-        assert shot.stat().st_size > 20_000
-    finally:
-        b.close()
+    chromium.set_window_size(1280, 2400)
+    chromium.get(result.html.resolve().as_uri())  # returns once the page (and images) loaded
+    wait_until(chromium, lambda d: d.find_elements(By.ID, "verdict"), "the verdict")
+    verdict = [li.text for li in chromium.find_elements(By.CSS_SELECTOR, "ul.verdict li")]
+    assert verdict == result.analysis.verdict
+    images = chromium.execute_script(
+        "return [...document.querySelectorAll('figure img')].map(i => "
+        "[i.closest('figure').id, i.complete && i.naturalWidth > 0 && i.naturalHeight > 0])"
+    )
+    names = {name for name, ok in images if ok}
+    assert {"fig-heatmap", "fig-interaction", "fig-coverage", "fig-cs_curves"} <= names, images
+    assert all(ok for _name, ok in images)
+    assert "Paired comparisons" in page_text(chromium)
+    shot = REPO / "test-artifacts" / "report.png"
+    shot.parent.mkdir(exist_ok=True)
+    assert chromium.save_screenshot(str(shot))
+    assert shot.stat().st_size > 20_000

@@ -26,7 +26,8 @@ from agelab.study import (
     storage_url,
 )
 from agelab.tracking import default_uri
-from conftest import REPO, tiny_study
+from helpers import REPO
+from helpers.studies import tiny_study
 
 
 def study_and_runs(cfg):
@@ -39,6 +40,7 @@ def study_and_runs(cfg):
     return study, trials, parents, client
 
 
+@pytest.mark.slow
 def test_smoke_study_records_everything(tmp_path: Path) -> None:
     cfg = validate(
         tiny_study(tmp_path, tracking={"root": str(tmp_path / "mlruns"), "log_figures": True})
@@ -115,12 +117,13 @@ def test_rerun_continues_and_never_repeats(tmp_path: Path) -> None:
 
 def test_failed_trial_is_recorded_and_study_goes_on(tmp_path: Path, monkeypatch) -> None:
     import agelab.train as train
+    from agelab.errors import TrainingDiverged
 
     real_fit = train.fit
 
     def fit_that_diverges_without_norm(model, data, cfg, callbacks=(), **kw):
         if not any("BatchNorm" in type(m).__name__ for m in model.modules()):
-            raise train.TrainingDiverged(epoch=1, step=3, lr=1e-3)
+            raise TrainingDiverged(epoch=1, step=3, lr=1e-3)
         return real_fit(model, data, cfg, callbacks, **kw)
 
     monkeypatch.setattr(train, "fit", fit_that_diverges_without_norm)

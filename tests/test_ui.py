@@ -1,7 +1,8 @@
 """The MLflow UI, as a person sees it: `agelab ui` over a real study, driven by headless Chromium.
 
-Needs the Debian package ``chromium`` (``make sysdeps``); skips with the reason otherwise
-(the driver is in ``tests/browser.py``). Screenshots go to ``test-artifacts/``;
+Needs the Debian packages ``chromium`` and ``chromium-driver`` (``make sysdeps``); skips with
+the reason otherwise. Selenium drives the browser (the ``chromium`` fixture in ``conftest.py``,
+``tests/helpers/browser.py``); mirakuru runs `agelab ui`. Screenshots go to ``test-artifacts/``;
 with ``AGELAB_UPDATE_DOCS_SCREENSHOT=1`` the experiment page also goes to
 ``docs/img/mlflow_ui.png``.
 """
@@ -14,20 +15,27 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
-import time
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+import port_for
 import pytest
+from mirakuru import HTTPExecutor
+from mirakuru.exceptions import ExecutorError
 from mlflow.tracking import MlflowClient
+from selenium.common.exceptions import ElementClickInterceptedException, TimeoutException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import WebDriverWait
 
 from agelab.config import validate
 from agelab.study import run_study
 from agelab.tracking import default_uri
-from browser import Browser, free_port, kill_group
-from conftest import REPO, tiny_study
+from helpers import REPO
+from helpers.browser import page_text, wait_until
+from helpers.studies import tiny_study
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -68,11 +76,11 @@ def smoke_store(tmp_path: Path):
 
 @pytest.fixture
 def mlflow_ui(smoke_store, tmp_path: Path):
-    """`agelab ui` over the store, as a subprocess; always killed (with its workers)."""
+    """`agelab ui` over the store on a free loopback port; always stopped (with its workers)."""
     root = smoke_store[0]
-    port = free_port()
+    port = port_for.select_random()
     log = tmp_path / "ui.log"
-    env = os.environ | {
+    env = {
         "PYTHONPATH": os.pathsep.join(
             p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p
         ),
@@ -81,43 +89,26 @@ def mlflow_ui(smoke_store, tmp_path: Path):
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     cmd = [sys.executable, "-m", "agelab.cli", "ui", "--root", str(root), "--port", str(port)]
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"agelab ui exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"agelab ui not healthy after 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        kill_group(proc)
-
-
-@pytest.fixture
-def browser(chromium: str, tmp_path: Path, request: pytest.FixtureRequest):
-    ARTIFACTS.mkdir(exist_ok=True)
-    b = Browser(chromium, tmp_path / "chromium-profile", tmp_path / "chromium.log")
-    failed_before = request.session.testsfailed
-    try:
-        yield b
-    finally:
-        if request.session.testsfailed > failed_before:
-            with contextlib.suppress(Exception):  # what the page looked like when it failed
-                b.screenshot(ARTIFACTS / "mlflow_ui_failure.png")
-                (ARTIFACTS / "mlflow_ui_failure.txt").write_text(b.text())
-        b.close()
+    with log.open("wb") as fh:
+        server = HTTPExecutor(
+            cmd,
+            url=base + "/health",
+            method="GET",
+            timeout=120,
+            envvars=env,
+            stdout=fh,
+            stderr=fh,
+        )
+        try:
+            server.start()  # returns once /health answers 2xx
+        except ExecutorError as exc:
+            server.kill()
+            pytest.fail(f"agelab ui did not come up ({exc}):\n{log.read_text()[-3000:]}")
+        try:
+            yield base
+        finally:
+            server.kill()  # the process group and every child it started
 
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -130,62 +121,89 @@ def shows_value(text: str, value: float) -> bool:
     )
 
 
-def close_assistant(b: Browser) -> None:
+def shows(text: str) -> Callable[[WebDriver], bool]:
+    return lambda d: text in page_text(d)
+
+
+def click_if_there(within: WebDriver | WebElement, by: str, selector: str) -> bool:
+    """Click the first shown element found, once no toast covers it; False when none."""
+    shown = [e for e in within.find_elements(by, selector) if e.is_displayed()]
+    if shown:
+        WebDriverWait(within, 15, ignored_exceptions=(ElementClickInterceptedException,)).until(
+            lambda _: shown[0].click() or True
+        )
+    return bool(shown)
+
+
+def close_assistant(driver: WebDriver) -> None:
     # MLflow 3 opens an "Assistant" side panel by default; a person would close it.
-    b.click("document.querySelector('[data-component-id=\"mlflow.assistant.chat_panel.close\"]')")
+    click_if_there(
+        driver, By.CSS_SELECTOR, '[data-component-id="mlflow.assistant.chat_panel.close"]'
+    )
+
+
+def with_text(text: str, kind: str = "self::button") -> str:
+    """XPath: elements of ``kind`` (an XPath test) whose whole text is ``text``."""
+    return f"//*[{kind}][normalize-space(.)={json.dumps(text)}]"
 
 
 def test_experiment_page_shows_nested_trials_and_metrics(
-    chromium: str, smoke_store, mlflow_ui: str, browser: Browser
+    chromium: WebDriver, smoke_store, mlflow_ui: str
 ) -> None:
     # (chromium first: no Chromium skips before the study is run)
+    browser = chromium
     _root, exp_id, parent, trials = smoke_store
     parent_name = parent.info.run_name
     names = sorted(r.info.run_name for r in trials)
     assert all(re.fullmatch(r"resnet10t · \w+ · \w+ · seed 0", n) for n in names), names
 
     # The "Model training" side of the UI (MLflow 3 opens on GenAI); the choice is remembered.
-    browser.goto(mlflow_ui + "/#/")
-    browser.wait_for("document.body && document.body.innerText.includes('Model training')")
-    browser.click_text("Model training", "button, label, [role=radio], span")
+    browser.get(mlflow_ui + "/#/")
+    wait_until(browser, shows("Model training"), "the 'Model training' switch")
+    assert click_if_there(
+        browser,
+        By.XPATH,
+        with_text("Model training", "self::button or self::label or self::span or @role='radio'"),
+    ), "no 'Model training' switch"
 
-    browser.goto(f"{mlflow_ui}/#/experiments/{exp_id}/runs?viewStateShareKey={SHARE_KEY}")
-    browser.wait_for(
-        f"document.body && document.body.innerText.includes({json.dumps(parent_name)})",
-        what=f"the parent run {parent_name!r}",
-    )
-    browser.click_text("Override saved view")  # keep the shared columns; drops the banner
+    browser.get(f"{mlflow_ui}/#/experiments/{exp_id}/runs?viewStateShareKey={SHARE_KEY}")
+    wait_until(browser, shows(parent_name), f"the parent run {parent_name!r}")
+    # Keep the shared columns; drops the banner.
+    click_if_there(browser, By.XPATH, with_text("Override saved view"))
     close_assistant(browser)
     # MLflow lists trial runs collapsed under their parent: expand it as a person would,
     # with the [+] button in its Run Name cell.
-    if not all(n in browser.text() for n in names):
-        expand = (
-            f"document.querySelector('a[href$=\"/runs/{parent.info.run_id}\"]')"
-            "?.closest('[col-id]')?.querySelector('button')"
-        )
-        assert browser.click(expand), "no expand button beside the parent run"
-    browser.wait_for(
-        f"{json.dumps(names)}.every(n => document.body.innerText.includes(n))",
-        what=f"the nested trial runs {names}",
+    if not all(n in page_text(browser) for n in names):
+        cell = browser.find_element(
+            By.CSS_SELECTOR, f'a[href$="/runs/{parent.info.run_id}"]'
+        ).find_element(By.XPATH, "./ancestor::*[@col-id][1]")
+        assert click_if_there(cell, By.TAG_NAME, "button"), "no expand button beside the parent"
+    wait_until(
+        browser,
+        lambda d: all(n in page_text(d) for n in names),
+        f"the nested trial runs {names}",
     )
     # Let the "saved view overridden" toast fade before the picture.
-    with contextlib.suppress(TimeoutError):
-        browser.wait_for(
-            "!document.body.innerText.includes('saved view was overridden')", timeout=15
+    with contextlib.suppress(TimeoutException):
+        wait_until(
+            browser,
+            lambda d: "saved view was overridden" not in page_text(d),
+            "the toast gone",
+            timeout=15,
         )
-    shot = browser.screenshot(ARTIFACTS / "mlflow_ui_experiment.png")
+    shot = ARTIFACTS / "mlflow_ui_experiment.png"
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(shot))
 
-    header = browser.js("document.querySelector('.ag-header')?.innerText || ''")
+    header = browser.find_element(By.CSS_SELECTOR, ".ag-header").text
     for metric in METRICS:
         assert re.search(rf"(?m)^{metric}$", header), f"no {metric} column in {header!r}"
     # One grid row (pinned name part + scrolling part) per run, in order on screen.
-    rows: list[str] = browser.js(
-        """(() => { const rows = {};
-             for (const r of document.querySelectorAll('.ag-row')) {
-               const i = Number(r.getAttribute('row-index'));
-               rows[i] = (rows[i] || '') + '\\n' + r.innerText; }
-             return Object.keys(rows).sort((a, b) => a - b).map(k => rows[k]); })()"""
-    )
+    parts: dict[int, str] = {}
+    for row in browser.find_elements(By.CSS_SELECTOR, ".ag-row"):
+        index = int(row.get_attribute("row-index"))
+        parts[index] = parts.get(index, "") + "\n" + row.text
+    rows = [parts[i] for i in sorted(parts)]
     assert len(rows) == 5, rows
     assert parent_name in rows[0], "the parent run is the first row, above its trials"
     for run in trials:
@@ -201,23 +219,18 @@ def test_experiment_page_shows_nested_trials_and_metrics(
 
     # A trial's own page: its name, its parent, and its metrics with their values.
     run = min(trials, key=lambda r: r.info.run_name)
-    browser.goto(f"{mlflow_ui}/#/experiments/{exp_id}/runs/{run.info.run_id}")
-    browser.wait_for(
-        "document.body && document.body.innerText.includes('coverage_at_mae')",
-        what="the trial's metrics",
-    )
+    browser.get(f"{mlflow_ui}/#/experiments/{exp_id}/runs/{run.info.run_id}")
+    wait_until(browser, shows("coverage_at_mae"), "the trial's metrics")
     close_assistant(browser)
     # 85 metrics: type "mae" in the metrics search box, as a person looking for it would.
-    box = "document.querySelector('input[placeholder=\"Search metrics\"]')"
-    assert browser.js(f"(() => {{ const e = {box}; e?.focus(); return !!e; }})()"), (
-        "no metrics search box on the run page"
+    boxes = browser.find_elements(By.CSS_SELECTOR, 'input[placeholder="Search metrics"]')
+    assert boxes, "no metrics search box on the run page"
+    boxes[0].send_keys("mae")
+    wait_until(
+        browser, lambda d: "epoch_seconds" not in page_text(d), "filtered metrics", timeout=15
     )
-    browser.send("Input.insertText", {"text": "mae"})
-    browser.wait_for(
-        "!document.body.innerText.includes('epoch_seconds')", timeout=15, what="filtered metrics"
-    )
-    browser.screenshot(ARTIFACTS / "mlflow_ui_trial_run.png")
-    lines = [line.strip() for line in browser.text().splitlines()]
+    browser.save_screenshot(str(ARTIFACTS / "mlflow_ui_trial_run.png"))
+    lines = [line.strip() for line in page_text(browser).splitlines()]
     assert run.info.run_name in lines
     assert parent_name in lines, "the trial page links its parent run"
     for metric in ("mae", "coverage_at_mae"):
