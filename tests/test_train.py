@@ -72,6 +72,7 @@ def cfg(**kw) -> TrainConfig:
 # ------------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
 def test_fit_learns_synthetic_ages_well_below_the_mean_predictor():
     data = synthetic()
     train, calib = data.indices("train"), data.indices("calib")

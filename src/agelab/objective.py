@@ -91,9 +91,11 @@ def evaluate_trial(
 ) -> TrialResult:
     """Train the trial's model, diagnose its test predictions, record all of it on run
     ``run_id``; returns the calib MAE (the objective) and the final metrics."""
+    t0 = time.time()  # fit_seconds: build, census and fit (not the final prediction)
     model, census = build_trial_model(cfg, data.image_size)
-    tracker.set_tags(run_id, {f"census.{k}": v for k, v in flatten(census).items()})
-    result, pred, fit_seconds = _train(model, data, cfg, on_epoch, quiet)
+    tracker.set_tags(run_id, {f"census.{k}": v for k, v in flatten(census).items() if v != {}})
+    result, pred, fitted_at = _train(model, data, cfg, on_epoch, quiet)
+    fit_seconds = fitted_at - t0
     diag, final = _diagnose(cfg, data, pred)
     final |= {
         "fit_seconds": fit_seconds,
@@ -117,15 +119,14 @@ def evaluate_trial(
 
 def _train(model, data: FaceDataset, cfg: StudyConfig, on_epoch, quiet: bool):
     """Fit (best calib epoch restored) and predict every image: (fit result, predictions,
-    seconds to fit). A divergence or an out-of-memory error becomes :class:`TrialFailed`
-    with what to change."""
+    the time fitting ended). A divergence or an out-of-memory error becomes
+    :class:`TrialFailed` with what to change."""
     from agelab.train import fit, predict
 
-    t0 = time.time()
     train_cfg = cfg.train.model_copy(update={"progress": cfg.train.progress and not quiet})
     try:
         result = fit(model, data, train_cfg, callbacks=[on_epoch])
-        fit_seconds = time.time() - t0
+        fitted_at = time.time()
         pred = predict(
             model, data.images, batch_size=cfg.train.eval_batch_size, device=result.device
         )
@@ -135,7 +136,7 @@ def _train(model, data: FaceDataset, cfg: StudyConfig, on_epoch, quiet: bool):
         if not is_out_of_memory(exc):
             raise
         raise TrialFailed(out_of_memory_reason(exc, cfg)) from exc
-    return result, pred, fit_seconds
+    return result, pred, fitted_at
 
 
 def _diagnose(cfg: StudyConfig, data: FaceDataset, pred: np.ndarray):

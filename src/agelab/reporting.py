@@ -19,7 +19,7 @@ import pandas as pd
 from agelab.config import ReportConfig, StudyConfig, TrackingConfig
 from agelab.errors import ReportError
 from agelab.report import Analysis, Design, analyse, design_from_parent, render, runs_table
-from agelab.tracking import TAG_KIND, TAG_STUDY, Tracker
+from agelab.tracking import TAG_KIND, TAG_STUDY, Tracker, runs_frame
 
 
 @dataclass
@@ -50,9 +50,10 @@ def build_report(
     ``<tracking.root>/reports/<study>/`` and log them on the study's latest parent run."""
     report = report or ReportConfig()
     tracker = Tracker(tracking, experiment or study, create=False)
-    runs = tracker.search_frame(f"tags.`{TAG_STUDY}` = '{study}'")
-    kind = runs.get(f"tags.{TAG_KIND}", pd.Series(index=runs.index, dtype=object))
-    parents, trials = runs[kind == "study"], runs[kind == "trial"]
+    runs = tracker.search(f"tags.`{TAG_STUDY}` = '{study}'")
+    # One frame per kind, so the trials' table holds only the metrics trials logged.
+    parents = runs_frame([r for r in runs if r.data.tags.get(TAG_KIND) == "study"])
+    trials = runs_frame([r for r in runs if r.data.tags.get(TAG_KIND) == "trial"])
     if parents.empty:
         raise ReportError(
             f"no runs of study {study!r} in {tracker.experiment_name!r} at "

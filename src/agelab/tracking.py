@@ -414,18 +414,15 @@ class Tracker:
             )
         )
 
-    def search_frame(self, filter_string: str = "") -> pd.DataFrame:
-        """:meth:`search` as a table (see :func:`runs_frame`)."""
-        return runs_frame(self.search(filter_string))
-
     def running_runs(self) -> Iterable:
         return self.search("attributes.status = 'RUNNING'")
 
 
 def runs_frame(runs: Iterable) -> pd.DataFrame:
-    """MLflow runs → one row each, columns named as ``mlflow.search_runs`` names them:
-    ``run_id``, ``run_name``, ``status``, ``start_time``, ``params.<k>``, ``tags.<k>``,
-    ``metrics.<k>`` (the latest value). What agelab's report reads, free of mlflow types."""
+    """MLflow runs → one row each: ``run_id``, ``run_name``, ``status``, ``start_time``
+    (epoch ms), and ``params.<k>`` / ``tags.<k>`` / ``metrics.<k>`` (latest value) columns
+    named as ``mlflow.search_runs`` names them. What agelab's report reads, free of mlflow
+    types; a value a run never logged is NaN."""
     import pandas as pd
 
     rows = []

@@ -294,7 +294,9 @@ class MetricsConfig(Strict):
 
 
 class ReportConfig(Strict):
-    auto: bool = Field(True, description="write the ablation report when a study invocation ends")
+    auto: bool = Field(
+        True, description="`agelab run` writes the ablation report when the study ends"
+    )
     alpha: float = Field(0.05, gt=0, lt=0.5, description="family-wise error rate (Holm)")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="level of every interval")
     figures: bool = Field(True, description="embed figures (CS curves need log_figures runs)")

@@ -1,9 +1,9 @@
 """What a study searched (:class:`Design`) and its runs as one table, one row per trial.
 
-The report never talks to a store: it takes the study's trial runs as a pandas DataFrame
-shaped like ``mlflow.search_runs`` output (``run_id``, ``run_name``, ``start_time``,
-``status``, ``params.<name>``, ``tags.<name>``, ``metrics.<name>``; see
-:func:`agelab.tracking.runs_frame`) and the parent run's params.
+The report never talks to a store: it takes the study's trial runs as a pandas DataFrame,
+one row per run (``run_id``, ``run_name``, ``status``, ``start_time`` in epoch ms, and
+``params.<name>`` / ``tags.<name>`` / ``metrics.<name>`` columns as ``mlflow.search_runs``
+names them; see :func:`agelab.tracking.runs_frame`) and the parent run's params.
 """
 
 from __future__ import annotations
@@ -191,11 +191,9 @@ def _trial_row(run: dict[str, Any], design: Design) -> dict[str, Any]:
     row["seed"] = _typed(seed, "seed", design)
     for key in design.keys:  # the plan key holds the raw choice: match it first
         row[key] = _typed(planned.get(key, params.get(key)), key, design)
-    row |= {
-        k[len("metrics.") :]: float(v)
-        for k, v in run.items()
-        if k.startswith("metrics.") and _present(v)
-    }
+    # Every metric column of the trial runs (NaN where this run logged none): the frame holds
+    # only what some trial logged, in the order MLflow listed it.
+    row |= {k[len("metrics.") :]: float(v) for k, v in run.items() if k.startswith("metrics.")}
     return row
 
 

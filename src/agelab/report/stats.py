@@ -231,7 +231,9 @@ def paired_comparisons(
     rows: list[dict[str, Any]] = []
     simple: list[dict[str, Any]] = []
     for f in design.factors:
-        _compare_levels(complete, design, f, confidence, rows, simple)
+        pooled, per_level = _compare_levels(complete, design, f, confidence)
+        rows += pooled
+        simple += per_level
     return (
         pd.DataFrame(rows, columns=COMPARISON_COLUMNS),
         pd.DataFrame(simple, columns=SIMPLE_COLUMNS),
@@ -243,15 +245,15 @@ def _compare_levels(
     design: Design,
     f: str,
     confidence: float,
-    rows: list[dict[str, Any]],
-    simple: list[dict[str, Any]],
-) -> None:
-    """Append the comparisons of factor ``f``'s level pairs to ``rows`` and ``simple``."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Factor ``f``'s level pairs: pooled comparisons, and the same per level of the others."""
+    rows: list[dict[str, Any]] = []
+    simple: list[dict[str, Any]] = []
     others = [k for k in design.keys if k != f] + ["seed"]
     present = set(complete[f].astype(str))
     levels = [lv for lv in design.levels.get(f, []) if str(lv) in present]
     if len(levels) < 2:
-        return
+        return rows, simple
     frame = complete.assign(_lv=complete[f].astype(str))
     for k in others:
         frame[k] = frame[k].astype(str)
@@ -284,6 +286,7 @@ def _compare_levels(
             }
         )
         simple += _per_level(d, idx, others, design, design.label(f), a_s, b_s, confidence)
+    return rows, simple
 
 
 def _per_level(

@@ -39,6 +39,7 @@ from agelab.study.plan import (
     A_REASON,
     A_RUN,
     DIED_PREFIX,
+    ERROR_PREFIX,
     SEED_PARAM,
     cell_id,
     distributions,
@@ -241,7 +242,7 @@ class Worker:
         self._close(run, "FAIL", KILLED, reason)
 
     def _failed(self, run: _Running, exc: Exception) -> TrialOutcome:
-        reason = f"error: {type(exc).__name__}: {exc}"[:1000]
+        reason = f"{ERROR_PREFIX} {type(exc).__name__}: {exc}"[:1000]
         if not isinstance(exc, TrialFailed):
             traceback.print_exc()
         run.trial.set_user_attr(A_REASON, reason)
