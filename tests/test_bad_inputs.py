@@ -808,7 +808,7 @@ def test_params_and_tags_hold_no_home_path_or_password(tmp_path: Path, monkeypat
     ],
 )
 def test_mask_uri(uri: str, masked: str) -> None:
-    from agelab.tracking import mask_uri
+    from agelab.secrets import mask_uri
 
     assert mask_uri(uri) == masked
 

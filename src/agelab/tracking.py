@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from agelab.config import TrackingConfig
 from agelab.errors import StoreError
 from agelab.faults import kill_point
+from agelab.secrets import mask_uri, scrub
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -45,41 +46,6 @@ TAG_STUDY = "agelab.study"
 TAG_STATE = "agelab.state"
 TAG_REASON = "agelab.fail_reason"
 TAG_KIND = "agelab.run_kind"  # "study" (parent) | "trial" (nested)
-
-
-_URI_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
-# user:password@ up to the *last* "@" of the URI: a password may hold "/", ":" or "@"
-# unencoded (SQLAlchemy reads "postgresql://u:pa/ss@host/db" as password "pa/ss").
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):.*@", re.S)
-# In http(s) URIs a "/" in the password must be encoded, so the user part ends there.
-_USERINFO_HTTP = re.compile(r"^(https?://[^:/@\s]*):[^/?#\s]*@", re.I)
-
-
-def _mask_token(uri: str) -> str:
-    pattern = _USERINFO_HTTP if uri[:5].lower() in ("http:", "https") else _USERINFO
-    return pattern.sub(r"\1:***@", uri, count=1)
-
-
-def mask_uri(uri: str) -> str:
-    """Hide the password of ``scheme://user:password@host`` URIs for logs and tags (also
-    URIs inside a longer text, and ``?password=`` query parameters)."""
-    uri = _URI_TOKEN.sub(lambda m: _mask_token(m.group(0)), uri)
-    return re.sub(r"([?&]password=)[^&\s]*", r"\1***", uri, flags=re.I)
-
-
-def mask_home(text: str) -> str:
-    """``/home/ana/data`` → ``~/data``: no absolute home paths in params and tags."""
-    home = os.path.expanduser("~").rstrip("/")
-    if len(home) < 2:  # no home, or "/": nothing sensible to replace
-        return text
-    # Not inside another path ("/x/home/ana"), but after "sqlite:///" or "file://".
-    before = r"(?<![\w.~-])(?<![^/]/)"
-    return re.sub(before + re.escape(home) + r"(?=/|$|[^\w.-])", "~", text)
-
-
-def _scrub(value: Any) -> str:
-    """What agelab records as a param or tag value: passwords masked, home paths as ~."""
-    return mask_home(mask_uri(str(value)))
 
 
 def default_uri(cfg: TrackingConfig) -> str:
@@ -340,7 +306,7 @@ class Tracker:
         tags: dict[str, Any],
         parent_id: str | None = None,
     ) -> str:
-        tags = {k: _scrub(v) for k, v in tags.items()}
+        tags = {k: scrub(v) for k, v in tags.items()}
         tags[TAG_WORKER_HOST] = socket.gethostname()
         tags[TAG_WORKER_PID] = str(os.getpid())
         if parent_id:
@@ -348,7 +314,7 @@ class Tracker:
         run = self._call(
             self.client.create_run,
             self.experiment_id,
-            run_name=_scrub(name),
+            run_name=scrub(name),
             tags=tags,
         )
         return run.info.run_id
@@ -357,7 +323,7 @@ class Tracker:
         from mlflow.entities import Param
 
         # Any URI-shaped value (tracking.uri, tracking.storage, data paths) loses its password.
-        items = [Param(_sanitize_key(k), _scrub(v)[:6000]) for k, v in params.items()]
+        items = [Param(_sanitize_key(k), scrub(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params a call
             self._call(self.client.log_batch, run_id, params=items[i : i + 100])
 
@@ -378,7 +344,7 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(_sanitize_key(k), _scrub(v)[:5000]) for k, v in tags.items()]
+        items = [RunTag(_sanitize_key(k), scrub(v)[:5000]) for k, v in tags.items()]
         if items:
             self._call(self.client.log_batch, run_id, tags=items)
 

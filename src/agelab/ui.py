@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from agelab.config import StudyConfig, TrackingConfig
-from agelab.tracking import default_uri, mask_uri
+from agelab.secrets import mask_uri
+from agelab.tracking import default_uri
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -25,6 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from agelab.config import Range, StudyConfig, flatten
+from agelab.secrets import mask_uri
 from agelab.study.estimate import estimate_trial_seconds, size_warning
 from agelab.study.plan import plan, recover
 from agelab.study.store import counts, open_storage, open_study, plan_lock, storage_url
@@ -36,7 +37,6 @@ from agelab.tracking import (
     TAG_STUDY,
     Tracker,
     git_commit,
-    mask_uri,
 )
 
 

@@ -29,6 +29,7 @@ from agelab.config import StudyConfig, flatten
 from agelab.errors import TrialFailed
 from agelab.faults import kill_point
 from agelab.metrics import LAPLACE_CS_AT_MAE, NORMAL_CS_AT_MAE
+from agelab.secrets import mask_uri
 from agelab.study import optuna_compat
 from agelab.study.plan import (
     A_BEAT,
@@ -59,7 +60,6 @@ from agelab.tracking import (
     TAG_STUDY,
     TAG_TRIAL,
     Tracker,
-    mask_uri,
 )
 
 
