@@ -7,6 +7,7 @@ sample beside the repo is used when present (skipped with a reason otherwise).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -244,8 +245,60 @@ def _box_outside(t):
     return "csv", p
 
 
+def _fifo(t):
+    p = csv_with(t, "images/pipe.jpg,30,x")
+    os.mkfifo(p.parent / "images" / "pipe.jpg")  # opening it would block until a writer comes
+    return "csv", p
+
+
+def _socket(t):
+    import socket
+
+    p = csv_with(t, "images/sock.jpg,30,x")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(p.parent / "images" / "sock.jpg"))
+    sock.close()
+    return "csv", p
+
+
+def _utk_fifo(t):
+    root = _utk(t, "holiday.jpg")
+    (root / "holiday.jpg").unlink()
+    os.mkfifo(root / "30_0_0_20170101.jpg")
+    return "utkface", root
+
+
+def _age(text):
+    return lambda t: ("csv", csv_with(t, f"images/extra.jpg,{text},x"))
+
+
 BAD_CASES = {
     # case: (builder, reason, substring of the message)
+    "fifo listed": (_fifo, S.SPECIAL_FILE, "is a FIFO (named pipe)"),
+    "socket listed": (_socket, S.SPECIAL_FILE, "is a socket"),
+    "fifo in a utkface folder": (_utk_fifo, S.SPECIAL_FILE, "30_0_0_20170101.jpg"),
+    "nul byte in a path": (
+        lambda t: ("csv", csv_with(t, "images/ex\0tra.jpg,30,x")),
+        S.NUL_IN_PATH,
+        "holds a NUL byte",
+    ),
+    "age in arabic-indic digits": (_age("٣٠"), S.BAD_AGE, "non-ASCII digits"),
+    "age in full-width digits": (_age("３０"), S.BAD_AGE, "non-ASCII digits"),
+    "age with an exponent": (_age("3e1"), S.BAD_AGE, "exponent notation"),
+    "age with a digit separator": (_age("3_0"), S.BAD_AGE, "digit separators"),
+    "age with a plus sign": (_age("+30"), S.BAD_AGE, "a plus sign"),
+    "age infinite": (_age("Infinity"), S.BAD_AGE, "not a finite number"),
+    "age with inner space": (_age("3 0"), S.BAD_AGE, "spaces"),
+    "utkface age with an exponent": (
+        lambda t: ("utkface", _utk(t, "3e1_0_0_20170101.jpg")),
+        S.BAD_AGE,
+        "'3e1' is not a plain decimal number",
+    ),
+    "fgnet age in arabic-indic digits": (
+        lambda t: ("fgnet", _fg(t, "009A٣٠.JPG")),
+        S.NAME_PATTERN,
+        "009A٣٠",
+    ),
     "missing file": (_missing, S.MISSING_FILE, "nope.jpg"),
     "zero-byte file": (_zero, S.EMPTY_FILE, "0 bytes"),
     "text named .jpg": (_text, S.NOT_IMAGE, "notes.jpg"),
@@ -474,3 +527,60 @@ def test_real_sample_as_csv_and_as_utkface_folder(faces_sample):
         assert by_name[Path(path).name] == age  # the label is the name's first field
     assert m_csv.table["age"].min() == 1 and m_csv.table["age"].max() == 116
     assert set(m_csv.table["subject"]) == {""}
+
+
+# ------------------------------------------------------- special files, quoting, ages
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("on_bad", ["error", "skip"])
+def test_special_files_never_block(tmp_path, on_bad):
+    """A FIFO (as the manifest, listed, or in a folder) and a character device as the
+    manifest are named and refused without being opened: reading a FIFO with no writer
+    blocks forever, reading /dev/zero never ends."""
+    fifo = tmp_path / "labels.csv"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "a FIFO (named pipe)"), (Path("/dev/zero"), "a character device")):
+        with pytest.raises(DataError, match=re.escape(f"manifest {path} is {kind}, not a file")):
+            read_csv(path, on_bad=on_bad)
+    source, listed = _fifo(tmp_path / "t")
+    if on_bad == "error":
+        with pytest.raises(DataError, match="not a regular file"):
+            read_manifest(source, listed, on_bad=on_bad)
+    else:
+        m = read_manifest(source, listed, on_bad=on_bad)
+        assert len(m) == GOOD and m.bad.summary()["counts"] == {S.SPECIAL_FILE: 1}
+
+
+@pytest.mark.parametrize(
+    ("rows", "line", "says"),
+    [
+        (['"images/img0.jpg,20', "images/img1.jpg,30"], 2,
+         "never closed (it runs to the end, line 3)"),
+        (['images/img0.jpg,"20', 'images/img1.jpg",30', "images/img2.jpg,40"], 2,
+         "a quote opened in column 'age' closes only on line 3"),
+        (["images/img0.jpg,20", "images/img1.jpg,30", '"images/img2".jpg,40'], 4,
+         "the quoting is malformed"),
+        (['"path",age', "images/img0.jpg,20"], None, None),  # quoted header: fine
+    ],
+)  # fmt: skip
+def test_quoting_errors_name_the_line_where_the_quote_starts(tmp_path, rows, line, says):
+    for i in range(3):
+        write_image(tmp_path / "images" / f"img{i}.jpg", seed=i)
+    header = [] if rows[0].startswith('"path"') else ["path,age"]
+    path = write_csv(tmp_path, [*header, *rows])
+    if line is None:
+        assert len(read_csv(path)) == 1
+        return
+    for on_bad in ("error", "skip"):  # the rest of the file would be misread: always stops
+        with pytest.raises(DataError) as info:
+            read_csv(path, on_bad=on_bad)
+        assert f"{path} line {line}: bad quoting: " in str(info.value) and says in str(info.value)
+        assert info.value.reason == S.BAD_QUOTE
+
+
+@pytest.mark.parametrize("text", ["30", "30.5", "007", "  30 ", "\t30", "0", "120"])
+def test_plain_ages_are_accepted(tmp_path, text):
+    write_image(tmp_path / "a.jpg")
+    m = read_csv(write_csv(tmp_path, ["path,age", f"a.jpg,{text}"]))
+    assert m.table["age"].tolist() == [float(text)]

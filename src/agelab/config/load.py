@@ -4,14 +4,18 @@
 validation, so they are checked by exactly the same rules (``train.epochs=2``,
 ``search.space.model.norm=[batch,none]``). Values are parsed as YAML scalars/lists.
 Every problem is a :class:`~agelab.errors.ConfigError` naming the file, the field path and
-what is valid there; YAML is loaded safely (no tags, bounded alias expansion).
+what is valid there; YAML is loaded safely and strictly: no tags, bounded alias expansion and
+nesting, and a key given twice in one mapping is an error (PyYAML would keep the last one
+silently, so the study would not run what its file seems to say).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
 import reprlib
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,60 @@ from agelab.errors import ConfigError
 
 _OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_.-]+)*)=(.*)$", re.S)
 
+#: Deepest nesting of mappings and lists in a study: a handful in practice (search.space →
+#: key → list → value). Far deeper input is a mistake or an attack, and would otherwise end
+#: in a RecursionError somewhere in the YAML parser, a deep copy or the validator.
+MAX_CONFIG_DEPTH = 32
+
+
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses duplicate keys (merge keys ``<<`` may be overridden,
+    as YAML intends)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                key_node, yaml.ScalarNode
+            ):
+                continue
+            key = self.construct_object(key_node, deep=False)
+            if key in first:
+                mark = first[key]
+                raise DuplicateKey(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first given at line {mark.line + 1}, column "
+                    f"{mark.column + 1})",
+                    key_node.start_mark,
+                )
+            first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+class TooDeep(yaml.YAMLError):
+    """Nesting so deep that the (recursive) YAML parser gave up."""
+
+    def __str__(self) -> str:
+        return (
+            f"nested far more than {MAX_CONFIG_DEPTH} levels deep (the YAML parser gave up); "
+            "a study needs a few levels (section → field → list)"
+        )
+
+
+def _load_yaml(text: str) -> Any:
+    loader = StrictLoader(text)  # what yaml.safe_load does, with the strict constructor
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise TooDeep() from None
+    finally:
+        loader.dispose()
+
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``train.epochs=2`` → ("train.epochs", 2). Values are parsed as YAML."""
@@ -31,9 +89,14 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError("(command line)", [f"{text!r} is not key=value (e.g. train.epochs=2)"])
     key, raw = m.groups()
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = _load_yaml(raw) if raw != "" else None
+    except DuplicateKey as exc:
+        raise ConfigError("(command line)", [f"{text!r}: {exc.problem}"]) from None
+    except TooDeep as exc:
+        raise ConfigError("(command line)", [f"{key}: {exc}"]) from None
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML: the text itself (a name with a colon, say)
+    _check_size(value, "(command line)", key)
     return key, value
 
 
@@ -65,9 +128,28 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _union_noise(errors: list[dict]) -> set[int]:
+    """Indexes of errors from the union branch a value was not meant for: a Range with an
+    infinite end also fails ``list[Any]`` ("Input should be a valid list"); the Range's own
+    error says what is wrong."""
+    locs = [tuple(e["loc"]) for e in errors]
+    return {
+        i
+        for i, loc in enumerate(locs)
+        if loc
+        and isinstance(loc[-1], str)
+        and loc[-1].startswith(("list[", "dict["))
+        and any(other[: len(loc) - 1] == loc[:-1] and other != loc for other in locs)
+    }
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
     problems = []
-    for err in exc.errors():
+    errors = exc.errors()
+    noise = _union_noise(errors)
+    for i, err in enumerate(errors):
+        if i in noise:
+            continue
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         path = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
@@ -90,10 +172,12 @@ _SHORT = reprlib.Repr()  # error messages quote bad inputs, never megabytes of t
 _SHORT.maxstring = _SHORT.maxother = 80
 
 
-def _check_size(raw: Any, source: str) -> None:
-    budget, stack = MAX_CONFIG_VALUES, [raw]
+def _check_size(raw: Any, source: str, where: str = "") -> None:
+    """At most MAX_CONFIG_VALUES values, nested at most MAX_CONFIG_DEPTH deep (iteratively:
+    the check itself must not recurse)."""
+    budget, stack = MAX_CONFIG_VALUES, [(raw, 0, where)]
     while stack:
-        node = stack.pop()
+        node, depth, path = stack.pop()
         budget -= 1
         if budget < 0:
             raise ConfigError(
@@ -103,10 +187,18 @@ def _check_size(raw: Any, source: str) -> None:
                     "repeating anchors, or a self-referencing one?); write the values out"
                 ],
             )
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(
+                source,
+                [
+                    f"{path or '(top level)'}: nested more than {MAX_CONFIG_DEPTH} levels "
+                    "deep; a study needs a few (section → field → list)"
+                ],
+            )
         if isinstance(node, dict):
-            stack.extend(node.values())
+            stack.extend((v, depth + 1, f"{path}.{k}" if path else str(k)) for k, v in node.items())
         elif isinstance(node, list):
-            stack.extend(node)
+            stack.extend((v, depth + 1, path) for v in node)
 
 
 def validate(raw: Any, source: str = "(config)") -> StudyConfig:
@@ -127,6 +219,13 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
+    if isinstance(exc, DuplicateKey):
+        return (
+            f"{problem.replace(' (first', f' at {at(mark)} (first', 1)}: a key may appear once "
+            "per mapping (YAML would silently keep the last one); remove or rename one of them"
+        )
+    if isinstance(exc, TooDeep):
+        return str(exc)
     if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:
         return (
             f"YAML tag not allowed{' at ' + at(mark) if mark else ''}: {problem}; study files "
@@ -141,22 +240,39 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     )
 
 
-def load_raw(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
+def _check_study_file(path: Path) -> None:
+    """A regular file, or a ConfigError: missing (with the studies beside it), or special
+    (a FIFO would block the read forever, a device never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, unreadable, or a NUL byte in the name
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        from agelab.data.sources import special_file_kind
+
+        raise ConfigError(
+            str(path), [f"is {special_file_kind(mode)}, not a study file: give the YAML file"]
+        )
+    if mode is None or stat.S_ISDIR(mode):
         hint = ""
         if path.parent.is_dir():
             near = sorted(p.name for p in path.parent.glob("*.yaml"))
             hint = f"; studies in {path.parent}: {', '.join(near)}" if near else ""
         raise ConfigError(str(path), [f"file not found{hint}"])
+
+
+def load_raw(path: str | Path) -> dict:
+    path = Path(path)
+    _check_study_file(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [_yaml_problem(exc)]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), [f"not UTF-8 text: {exc}"]) from None
     if raw is None:
         raise ConfigError(str(path), ["file is empty; a study needs at least `name:`"])
+    _check_size(raw, str(path))  # before anything copies or walks it recursively
     return raw
 
 

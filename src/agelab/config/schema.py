@@ -11,13 +11,26 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from agelab.errors import ConfigError
+from agelab.secrets import register_uri
 
 
 def _check_name(kind: str, value: str, names: Iterable[str]) -> str:
@@ -32,7 +45,62 @@ def _check_name(kind: str, value: str, names: Iterable[str]) -> str:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: every float of a study must be finite (an infinite warm-up, noise
+    # scale, age band or range would otherwise fail in every trial instead of here, once).
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
+
+
+#: Seeds go to numpy, torch and Optuna's samplers; numpy's legacy seeding (and so Optuna's)
+#: takes 0 … 2**32 - 1 only.
+SEED_MAX = 2**32 - 1
+
+
+def _check_seed(value: int) -> int:
+    if not 0 <= value <= SEED_MAX:
+        raise ValueError(
+            f"seed {value} does not fit the random generators: use 0 … {SEED_MAX:,} "
+            "(numpy, torch and Optuna take 32-bit seeds)"
+        )
+    return value
+
+
+Seed = Annotated[int, AfterValidator(_check_seed)]
+
+
+def _no_nul(value: Path | None) -> Path | None:
+    # The OS refuses such a path with a ValueError deep inside whatever opens it first.
+    if value is not None and "\x00" in str(value):
+        raise ValueError(f"{str(value)!r} holds a NUL byte (\\x00), which no file name can")
+    return value
+
+
+#: A file or folder path given by the user (it may be anywhere: it is theirs).
+UserPath = Annotated[Path, AfterValidator(_no_nul)]
+
+# One folder name: no separators, no control characters, not "." / ".." / a hidden name.
+_PATH_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f.][^/\\\x00-\x1f\x7f]{0,199}$")
+
+
+def check_path_name(value: str, becomes: str) -> str:
+    """``value`` if it is safe as one folder name inside its root, else a ValueError saying
+    what it would become (``becomes``: e.g. "the folder tracking.root/artifacts/<name>")."""
+    if not _PATH_NAME.match(value):
+        raise ValueError(
+            f"{value!r} cannot be {becomes}: use a plain name of at most 200 characters "
+            "without / or \\, not starting with '.' and without control characters"
+        )
+    return value
+
+
+def contained_name(value: str, becomes: str, field: str) -> str:
+    """:func:`check_path_name` where a name is used rather than validated (a name that did
+    not come through a config): a :class:`~agelab.errors.ConfigError` naming ``field``."""
+    try:
+        return check_path_name(value, becomes)
+    except ValueError as exc:
+        raise ConfigError(field, [str(exc)]) from None
 
 
 # --------------------------------------------------------------------------------- data
@@ -54,7 +122,7 @@ class SynthConfig(Strict):
     age_distribution: Literal["uniform", "utkface"] = "uniform"
     label_noise: LabelNoise = LabelNoise()
     occluder_prob: float = Field(0.1, ge=0, le=1)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _ages_ordered(self) -> SynthConfig:
@@ -67,7 +135,7 @@ class SplitConfig(Strict):
     train: float = Field(0.7, gt=0, lt=1)
     calib: float = Field(0.15, gt=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
-    seed: int = 0
+    seed: Seed = 0
     band_width: float = Field(10.0, gt=0, description="age band width for stratification")
 
     @model_validator(mode="after")
@@ -80,14 +148,16 @@ class SplitConfig(Strict):
 
 class DataConfig(Strict):
     source: str = "synthetic"
-    path: Path | None = Field(None, description="folder (utkface, fgnet) or CSV manifest (csv)")
+    path: UserPath | None = Field(None, description="folder (utkface, fgnet) or CSV manifest (csv)")
     image_size: int = Field(64, ge=16, le=512)
     center_crop: float = Field(1.0, gt=0, le=1, description="centre crop fraction (no box)")
     on_bad: Literal["error", "skip"] = "error"
     max_age: float = Field(120.0, gt=0, le=150)
     synthetic: SynthConfig = SynthConfig()
     split: SplitConfig = SplitConfig()
-    cache_dir: Path | None = Field(None, description="default: $AGELAB_CACHE_DIR or .cache/agelab")
+    cache_dir: UserPath | None = Field(
+        None, description="default: $AGELAB_CACHE_DIR or .cache/agelab"
+    )
 
     @field_validator("source")
     @classmethod
@@ -120,7 +190,7 @@ class ModelConfig(Strict):
     act: str = "relu"
     groups: int = Field(8, ge=1, description="GroupNorm groups (adjusted when not divisible)")
     pretrained: bool = False
-    weights: Path | None = Field(None, description="local weights file for pretrained=true")
+    weights: UserPath | None = Field(None, description="local weights file for pretrained=true")
     drop_rate: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("norm")
@@ -175,7 +245,7 @@ class TrainConfig(Strict):
     channels_last: bool = True
     compile: bool = False
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
-    seed: int = 0
+    seed: Seed = 0
     progress: bool = True
     augment: AugmentConfig = AugmentConfig()
 
@@ -212,12 +282,12 @@ SEARCHABLE_SECTIONS = ("data", "model", "train")
 
 class SearchConfig(Strict):
     sampler: Literal["grid", "random", "tpe"] = "grid"
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     space: dict[str, list[Any] | Range] = Field(
         default_factory=lambda: {"model.norm": ["batch", "none"], "model.act": ["relu", "tanh"]}
     )
     n_trials: int | None = Field(None, ge=1, description="random/tpe: trials to run")
-    sampler_seed: int = 0
+    sampler_seed: Seed = 0
     pruner: Literal["none", "median", "hyperband"] = "none"
     warn_cells: int = Field(500, ge=1, description="warn when a grid has more trials")
 
@@ -238,6 +308,8 @@ class SearchConfig(Strict):
                 )
             if isinstance(choices, list) and not choices:
                 raise ValueError(f"search.space.{key} is an empty list: the grid would be empty")
+            if isinstance(choices, list):
+                _unique_choices(key, choices)
             if isinstance(choices, Range) and self.sampler == "grid":
                 raise ValueError(
                     f"search.space.{key} is a range, but a grid needs a list of values "
@@ -257,6 +329,27 @@ class SearchConfig(Strict):
         return self.grid_size() if self.sampler == "grid" else int(self.n_trials or 0)
 
 
+def _choice_key(value: Any) -> str:
+    """Equal grid values compare equal: 0.001 and 1e-3, 2 and 2.0 (not True and 1)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"number:{float(value)!r}"
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def _unique_choices(key: str, choices: list[Any]) -> None:
+    seen: dict[str, Any] = {}
+    for value in choices:
+        canon = _choice_key(value)
+        if canon in seen:
+            first = seen[canon]
+            same = "" if first == value and type(first) is type(value) else f" (as {first!r})"
+            raise ValueError(
+                f"search.space.{key} lists {value!r} twice{same}: each value is one cell of "
+                "the grid, and a repeated one would train the same cell twice; remove it"
+            )
+        seen[canon] = value
+
+
 # ----------------------------------------------------------------------------- tracking
 
 
@@ -265,10 +358,26 @@ class TrackingConfig(Strict):
     artifact_location: str | None = Field(None, description="default: mlruns/artifacts")
     storage: str | None = Field(None, description="Optuna storage; default journal file")
     experiment: str | None = Field(None, description="MLflow experiment; default study name")
-    root: Path = Field(Path("mlruns"), description="folder of the default stores")
+    root: UserPath = Field(Path("mlruns"), description="folder of the default stores")
     log_figures: bool = True
     log_predictions: bool = True
     log_checkpoint: bool = False
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_is_a_name(cls, v: str | None) -> str | None:
+        # The experiment's artifacts go to tracking.root/artifacts/<experiment> (or
+        # artifact_location/<experiment>): a path in the name would put them elsewhere.
+        if v is not None:
+            check_path_name(v, "an experiment name (it becomes the folder artifacts/<name>)")
+        return v
+
+    @model_validator(mode="after")
+    def _register_secrets(self) -> TrackingConfig:
+        # Passwords in these URIs are masked in everything agelab writes from now on.
+        for uri in (self.uri, self.storage, self.artifact_location):
+            register_uri(uri)
+        return self
 
 
 class MetricsConfig(Strict):

@@ -22,7 +22,8 @@ class FaceDataset:
     true_ages  float32 [N] or None — noise-free ages (synthetic data only)
     paths      str [N] or None — source file of each image (real data)
     fingerprint  content hash of the source data and decoding options (cache key, MLflow tag)
-    info       free-form facts for tracking (source, bad-row summary, noise floor, …)
+    info       free-form facts for tracking (source, bad-row summary, duplicate images,
+               noise floor, …)
     """
 
     images: torch.Tensor

@@ -13,11 +13,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from agelab.csvsafe import safe_cell
 from agelab.data.dataset import FaceDataset
 
 
 def export_folder(data: FaceDataset, out: Path, *, progress: bool = True) -> Path:
-    """Write ``out/images/{i:06d}.png`` and ``out/labels.csv`` (path, age, subject)."""
+    """Write ``out/images/{i:06d}.png`` and ``out/labels.csv`` (path, age, subject; a subject
+    that a spreadsheet would run as a formula gets a leading ``'``, see :mod:`agelab.csvsafe`)."""
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     pixels = data.images.permute(0, 2, 3, 1).contiguous().numpy()  # NHWC for PIL
@@ -29,6 +31,6 @@ def export_folder(data: FaceDataset, out: Path, *, progress: bool = True) -> Pat
         for i in tqdm(range(len(data)), desc="export", unit="img", disable=not progress):
             rel = f"images/{i:06d}.png"
             Image.fromarray(np.ascontiguousarray(pixels[i])).save(out / rel)
-            writer.writerow([rel, f"{float(data.ages[i]):.3f}", data.subjects[i]])
+            writer.writerow([rel, f"{float(data.ages[i]):.3f}", safe_cell(str(data.subjects[i]))])
     tmp.replace(manifest)  # the manifest appears only once every image is on disk
     return manifest

@@ -3,7 +3,8 @@
 :func:`inspect_source` reads the manifest under ``on_bad=skip``, fully decodes every image
 once (so truncated or fake images show up as bad rows; nothing is resized or cached) and
 returns counts, an age histogram by decade, the distribution of original image sizes and
-modes, and the bad-row summary. :func:`format_inspection` renders that as text.
+modes, the byte-identical duplicates (kept in one split when training) and the bad-row
+summary. :func:`format_inspection` renders that as text.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from typing import Any
 import numpy as np
 
 from agelab.data.images import ImageProblem, decode_workers, open_image
-from agelab.data.sources import SOURCES, BadRow, Manifest, format_bad_summary, summarize_bad
+from agelab.data.sources import (
+    SOURCES,
+    BadRow,
+    Manifest,
+    content_groups,
+    duplicate_summary,
+    format_bad_summary,
+    format_duplicates,
+    summarize_bad,
+)
 from agelab.errors import DataError
 
 
@@ -47,6 +57,7 @@ def inspect_source(
     ok, counts = _tally(probes, manifest, bad)
     good = manifest.table[ok]
     ages = good["age"].to_numpy(dtype=np.float64)
+    groups = content_groups(good["file"].tolist(), good["size"].tolist())
     return {
         "source": source,
         "path": str(manifest.origin),
@@ -59,6 +70,7 @@ def inspect_source(
         "age_histogram": _decade_histogram(ages),
         **{name: dict(counter.most_common()) for name, counter in counts.items()},
         "bad_rows": summarize_bad(bad),
+        "duplicates": duplicate_summary(groups, good["path"].tolist(), good["age"].tolist()),
         "notes": list(manifest.notes),
     }
 
@@ -165,6 +177,12 @@ def format_inspection(report: dict[str, Any], *, bar_width: int = 40, top_sizes:
         )
     if report.get("formats"):
         lines.append("  formats: " + ", ".join(f"{f} {c}" for f, c in report["formats"].items()))
+    duplicates = report.get("duplicates") or {}
+    lines.append(
+        f"  {format_duplicates(duplicates)}"
+        if duplicates.get("n_groups")
+        else "  duplicate images: none (no two files are byte-identical)"
+    )
     for note in report.get("notes", []):
         lines.append(f"  note: {note}")
     bad = format_bad_summary(report.get("bad_rows", {}), verb="found")

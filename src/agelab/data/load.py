@@ -2,8 +2,9 @@
 
 For a real source: read the manifest (:mod:`.sources`) → fingerprint the files and labels →
 load the decoded images from the cache or decode them (:mod:`.images`, thread pool) and cache
-them (:mod:`.cache`) → split (:mod:`.split`). For ``synthetic``: load from the cache or
-generate (:mod:`.synth`) and cache → split.
+them (:mod:`.cache`) → find byte-identical files (:func:`.sources.content_groups`) → split
+(:mod:`.split`), each set of duplicates in one split. For ``synthetic``: load from the cache
+or generate (:mod:`.synth`) and cache → split.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from agelab.data.sources import (
     SOURCES,
     BadRow,
     Manifest,
+    content_groups,
+    duplicate_summary,
     format_bad_summary,
+    format_duplicates,
     read_manifest,
     summarize_bad,
 )
@@ -41,6 +45,8 @@ from agelab.data.split import assign_splits, split_summary
 from agelab.errors import DataError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from agelab.config import DataConfig
 
 __all__ = ["load_dataset"]
@@ -93,11 +99,13 @@ def _finish(
     info: dict[str, Any],
     true_ages: np.ndarray | None = None,
     paths: np.ndarray | None = None,
+    duplicates: np.ndarray | None = None,
 ) -> FaceDataset:
     """Split the arrays and wrap them, with the split and label summaries added to ``info``."""
-    split = assign_splits(ages, subjects, cfg.split)
+    split = assign_splits(ages, subjects, cfg.split, duplicates)
     info.update(_age_stats(ages))
     info["n_images"] = len(ages)
+    info.setdefault("duplicates", duplicate_summary(np.full(len(ages), -1), [], []))
     info["n_subjects"] = len({s for s in subjects if s})
     info["image_size"] = cfg.image_size
     info["split"] = split_summary(split, ages, subjects)
@@ -298,6 +306,7 @@ def _load_real(cfg: DataConfig, progress: bool) -> FaceDataset:
     info["cache_file"] = str(side) if side else None
     info["notes"] = manifest.notes
     t = manifest.table[ok]
+    duplicates = _duplicates(t, manifest, info)
     return _finish(
         cfg,
         images=arrays["images"],
@@ -306,4 +315,17 @@ def _load_real(cfg: DataConfig, progress: bool) -> FaceDataset:
         paths=np.asarray(t["path"].tolist(), dtype=str),
         fp=fp,
         info=info,
+        duplicates=duplicates,
     )
+
+
+def _duplicates(table: pd.DataFrame, manifest: Manifest, info: dict[str, Any]) -> np.ndarray:
+    """Content groups of the usable rows; the summary goes to ``info["duplicates"]`` and,
+    when there are any, to stderr. Not cached: only files whose size another file shares
+    are read, which costs little next to a cache load."""
+    groups = content_groups(table["file"].tolist(), table["size"].tolist())
+    info["duplicates"] = duplicate_summary(groups, table["path"].tolist(), table["age"].tolist())
+    line = format_duplicates(info["duplicates"], manifest.origin)
+    if line:
+        print(f"agelab: {line}", file=sys.stderr)
+    return groups

@@ -22,18 +22,22 @@ decoded (:mod:`agelab.data.images`), which adds the image-level reasons.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from agelab.data.images import BAD_BOX, CORRUPT_IMAGE, NOT_IMAGE, TRUNCATED_IMAGE
+import numpy as np
+
+from agelab.data.images import BAD_BOX, CORRUPT_IMAGE, NOT_IMAGE, TRUNCATED_IMAGE, decode_workers
 from agelab.errors import DataError
 
 if TYPE_CHECKING:  # pandas is imported when a manifest is built: importing this stays light
@@ -43,7 +47,9 @@ if TYPE_CHECKING:  # pandas is imported when a manifest is built: importing this
 
 MISSING_FILE = "missing file"
 EMPTY_FILE = "zero-byte file"
+SPECIAL_FILE = "not a regular file"
 MISSING_PATH = "missing path"
+NUL_IN_PATH = "NUL byte in path"
 OUTSIDE_ROOT = "path escapes the dataset root"
 DUPLICATE_PATH = "duplicate path"
 NAME_PATTERN = "name does not match pattern"
@@ -53,12 +59,15 @@ NEGATIVE_AGE = "negative age"
 AGE_TOO_HIGH = "age above max_age"
 NON_INTEGER_AGE = "age is not an integer"
 MALFORMED_ROW = "wrong number of fields"
+BAD_QUOTE = "bad quoting"
 
 #: Every reason a row can be rejected for, in the order checks run.
 REASONS = (
+    BAD_QUOTE,
     MALFORMED_ROW,
     NAME_PATTERN,
     MISSING_PATH,
+    NUL_IN_PATH,
     OUTSIDE_ROOT,
     DUPLICATE_PATH,
     MISSING_AGE,
@@ -68,6 +77,7 @@ REASONS = (
     AGE_TOO_HIGH,
     BAD_BOX,
     MISSING_FILE,
+    SPECIAL_FILE,
     EMPTY_FILE,
     NOT_IMAGE,
     TRUNCATED_IMAGE,
@@ -76,13 +86,16 @@ REASONS = (
 
 #: What to do about each reason (appended to the DataError message).
 HINTS = {
+    BAD_QUOTE: 'close the quote or remove it; a quote inside a quoted field is written ""',
     MALFORMED_ROW: "quote fields that contain commas, or fix the row",
     NAME_PATTERN: "rename or move the file out of the folder",
     MISSING_PATH: "fill in the path or remove the row",
+    NUL_IN_PATH: "a path cannot hold a NUL byte: fix the manifest (saved from a binary file?)",
     OUTSIDE_ROOT: "keep images inside the dataset folder and use relative paths",
     DUPLICATE_PATH: "list each image once",
     MISSING_AGE: "fill in the age or remove the row",
-    BAD_AGE: "ages must be numbers of years",
+    BAD_AGE: "write ages as plain numbers of years with the digits 0-9 and an optional "
+    "decimal point, e.g. 30 or 25.5",
     NON_INTEGER_AGE: "this format stores whole years",
     NEGATIVE_AGE: "fix the label",
     AGE_TOO_HIGH: "fix the label, or raise data.max_age if the age is real",
@@ -90,6 +103,7 @@ HINTS = {
     "or all four empty for a centre crop",
     MISSING_FILE: "check the path (relative to the dataset folder) or remove the row",
     EMPTY_FILE: "re-copy or re-download the file, or remove it",
+    SPECIAL_FILE: "list image files only, not pipes, devices or sockets",
     NOT_IMAGE: "remove the file or replace it with the real image",
     TRUNCATED_IMAGE: "re-copy or re-download the file (it ends early), or remove it",
     CORRUPT_IMAGE: "re-copy or re-download the file, or remove it",
@@ -251,6 +265,9 @@ class _FileChecker:
 
     def check_location(self, rel: str, where: str) -> str | None:
         """Inside-root and duplicate checks; returns the resolved path (may not exist)."""
+        if "\x00" in rel:  # the OS refuses such a path outright (ValueError, not OSError)
+            self.bad.add(NUL_IN_PATH, where, f"{rel!r} holds a NUL byte (\\x00)")
+            return None
         if os.path.isabs(rel) or re.match(r"^[A-Za-z]:[\\/]", rel) or rel.startswith("\\"):
             self.bad.add(
                 OUTSIDE_ROOT, where, f"absolute path {rel!r}; write it relative to {self.root}"
@@ -281,8 +298,13 @@ class _FileChecker:
         except OSError as exc:
             self.bad.add(MISSING_FILE, where, f"{rel!r} cannot be read: {exc.strerror or exc}")
             return None
-        if not stat.S_ISREG(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
             self.bad.add(MISSING_FILE, where, f"{rel!r} is a folder, not a file")
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            # Never opened: reading a FIFO blocks until someone writes, a device never ends.
+            kind = special_file_kind(st.st_mode)
+            self.bad.add(SPECIAL_FILE, where, f"{rel!r} is {kind}, not an image file")
             return None
         if st.st_size == 0:
             self.bad.add(EMPTY_FILE, where, f"{rel!r} is empty (0 bytes)")
@@ -290,30 +312,70 @@ class _FileChecker:
         return st
 
 
+def special_file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words (for messages)."""
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+#: An age as agelab reads it: ASCII digits, an optional decimal point with digits after it,
+#: and a minus sign only to say it is negative. Python's float() also takes "1e1", "3_0",
+#: "inf", "٣٠" (Arabic-Indic digits) and surrounding whitespace: labels that are typos or
+#: data from elsewhere more often than ages, so they are bad rows here.
+PLAIN_AGE = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    """A label as messages quote it: not all of a pasted paragraph."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _not_plain(text: str) -> str:
+    """Why ``text`` is not a plain decimal age, in words."""
+    try:
+        if not math.isfinite(float(text)):
+            return f"{_clip(text)!r} is not a finite number"
+    except ValueError:
+        pass
+    why = [
+        ("non-ASCII digits", any(c.isdigit() and not c.isascii() for c in text)),
+        ("exponent notation", bool(re.fullmatch(r"[-+]?[0-9.]+[eE][-+]?[0-9]+", text))),
+        ("digit separators", "_" in text or "," in text),
+        ("a plus sign", text.startswith("+")),
+        ("spaces", any(c.isspace() for c in text)),
+    ]
+    reasons = [name for name, found in why if found]
+    return f"{_clip(text)!r} is not a plain decimal number" + (
+        f" ({', '.join(reasons)})" if reasons else ""
+    )
+
+
 def parse_age(
     text: str, where: str, bad: BadRows, *, max_age: float, integer: bool
 ) -> float | None:
-    """Parse and range-check an age; records the reason and returns None when bad."""
-    text = text.strip()
+    """Parse and range-check an age (see :data:`PLAIN_AGE`); records the reason and returns
+    None when bad."""
     if text == "":
         bad.add(MISSING_AGE, where, "the age is empty")
         return None
-    try:
-        age = float(text)
-    except ValueError:
-        bad.add(BAD_AGE, where, f"{text!r} is not a number")
+    if not PLAIN_AGE.fullmatch(text):
+        bad.add(BAD_AGE, where, _not_plain(text))
         return None
-    if not math.isfinite(age):
-        bad.add(BAD_AGE, where, f"{text!r} is not a finite number")
-        return None
+    age = float(text)
     if integer and not age.is_integer():
-        bad.add(NON_INTEGER_AGE, where, f"{text!r} is not a whole number of years")
+        bad.add(NON_INTEGER_AGE, where, f"{_clip(text)!r} is not a whole number of years")
         return None
     if age < 0:
-        bad.add(NEGATIVE_AGE, where, f"age {text} is below 0")
+        bad.add(NEGATIVE_AGE, where, f"age {_clip(text)} is below 0")
         return None
-    if age > max_age:
-        bad.add(AGE_TOO_HIGH, where, f"age {text} is above max_age={max_age:g}")
+    if not age <= max_age:  # also a 400-digit age, which float() makes inf
+        bad.add(AGE_TOO_HIGH, where, f"age {_clip(text)} is above max_age={max_age:g}")
         return None
     return age
 
@@ -335,11 +397,11 @@ def _require_dir(path: Path, source: str) -> Path:
 # (negative / not an integer) rather than a generic pattern mismatch.
 UTKFACE_PATTERN = re.compile(
     r"^(?P<age>[^_]+)_(?P<gender>\d+)_(?P<race>\d+)_(?P<datetime>\d+)\.jpg(?:\.chip\.jpg)?$",
-    re.IGNORECASE,
+    re.IGNORECASE | re.ASCII,  # \d is 0-9 only: "٣٠" is not a subject or a date
 )
 UTKFACE_EXAMPLE = "25_0_1_20170116174525125.jpg.chip.jpg"
 FGNET_PATTERN = re.compile(
-    r"^(?P<subject>\d{3,})A(?P<age>\d{2,})(?P<suffix>[a-z]?)\.jpe?g$", re.IGNORECASE
+    r"^(?P<subject>\d{3,})A(?P<age>\d{2,})(?P<suffix>[a-z]?)\.jpe?g$", re.IGNORECASE | re.ASCII
 )
 FGNET_EXAMPLE = "001A02.JPG or 002A43a.JPG"
 
@@ -543,8 +605,10 @@ def read_csv(path: str | Path, *, max_age: float = 120.0, on_bad: OnBad = "error
     """
     path = _require_manifest(Path(path))
     text = _decode_text(path)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = _read_header(reader)
+    # strict: a quote left open at the end of the file, or text after a closing quote, is
+    # an error (reported at its line) instead of being read as some other value.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header = _read_header(reader, path)
     first_line = text.splitlines()[reader.line_num - 1] if reader.line_num else ""
     index = _check_header(path, header, first_line)
     has_boxes = "x" in index
@@ -552,12 +616,11 @@ def read_csv(path: str | Path, *, max_age: float = 120.0, on_bad: OnBad = "error
     checker = _FileChecker(path.parent, bad)
     cols = _empty_table(has_boxes)
     n_rows = 0
-    for row in reader:
+    for line, row in _rows(reader, path, header):
         if not any(c.strip() for c in row):
             continue  # blank line or ",,,"
         n_rows += 1
-        where = f"{path} line {reader.line_num}"
-        _csv_row(row, len(header), index, where, checker, cols, max_age=max_age)
+        _csv_row(row, len(header), index, f"{path} line {line}", checker, cols, max_age=max_age)
     if n_rows == 0:
         raise DataError(f"{path} has a header but no rows")
     return Manifest("csv", path, path.parent, _frame(cols), bad, n_rows, has_boxes)
@@ -570,14 +633,68 @@ def _require_manifest(path: Path) -> Path:
         raise DataError(f"csv source expects a manifest file, but {path} is a folder{hint}")
     if not path.exists():
         raise DataError(f"manifest {path} does not exist (check data.path)")
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        # Checked before reading: a FIFO would block until someone writes to it, a device
+        # such as /dev/zero would never end.
+        raise DataError(
+            f"manifest {path} is {special_file_kind(mode)}, not a file (reading it could "
+            "block or never end): give the CSV file itself as data.path",
+            reason=SPECIAL_FILE,
+            where=str(path),
+        )
     return path
 
 
-def _read_header(reader: Any) -> list[str]:
+def _rows(reader: Any, path: Path, header: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """(line where the row starts, cells) of each row after the header. A quote left open
+    swallows the following lines into one cell: that is reported at the line where the quote
+    opened (not where the reader noticed), and always stops the load, since every row after
+    it is misread."""
+    start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. "field larger than field limit": an open quote
+            raise _quote_error(path, start, reader.line_num, header, None, str(exc)) from None
+        spill = next((i for i, c in enumerate(row) if "\n" in c or "\r" in c), None)
+        if spill is not None:
+            raise _quote_error(path, start, reader.line_num, header, spill, "")
+        yield start, row
+        start = reader.line_num + 1
+
+
+def _quote_error(
+    path: Path, start: int, end: int, header: list[str], cell: int | None, error: str
+) -> DataError:
+    if cell is not None:
+        column = f" in column {header[cell].strip()!r}" if cell < len(header) else ""
+        detail = (
+            f"a quote opened{column} closes only on line {end}, so the lines up to there ran "
+            "into this row"
+        )
+    elif "unexpected end of data" in error:
+        detail = f"a quote opened here is never closed (it runs to the end, line {end})"
+    else:
+        detail = f"the quoting is malformed ({error})"
+    where = f"{path} line {start}"
+    return DataError(
+        f"{where}: {BAD_QUOTE}: {detail} ({HINTS[BAD_QUOTE]}; every row after it would be misread)",
+        reason=BAD_QUOTE,
+        where=where,
+    )
+
+
+def _read_header(reader: Any, path: Path) -> list[str]:
     """The first non-blank row of a CSV reader (empty when there is none)."""
-    for row in reader:
-        if any(c.strip() for c in row):
-            return row
+    try:
+        for row in reader:
+            if any(c.strip() for c in row):
+                return row
+    except csv.Error as exc:
+        raise _quote_error(path, reader.line_num, reader.line_num, [], None, str(exc)) from None
     return []
 
 
@@ -609,7 +726,8 @@ def _csv_row(
     real = checker.check_location(rel, where)
     if real is None:
         return
-    age = parse_age(row[index["age"]], where, bad, max_age=max_age, integer=False)
+    # Spaces around a CSV cell are the spreadsheet's, not the label's.
+    age = parse_age(row[index["age"]].strip(" \t"), where, bad, max_age=max_age, integer=False)
     if age is None:
         return
     has_boxes = "x" in index
@@ -625,6 +743,83 @@ def _csv_row(
     for c, v in zip(BOX_COLUMNS, box, strict=False):
         cols[c].append(v)
     _append_file(cols, where, real, st)
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def _digest(file: str) -> str | None:
+    """The content hash of a file, or None when it cannot be read (it is then unique)."""
+    try:
+        with open(file, "rb") as fh:
+            return hashlib.file_digest(fh, "blake2b").hexdigest()
+    except OSError:
+        return None
+
+
+def content_groups(files: Sequence[str], sizes: Sequence[int]) -> np.ndarray:
+    """Byte-identical files (copies, hard links): a group id per file, -1 for a file with no
+    twin. Only files whose size another file shares are read (byte-identical files have the
+    same size), so a dataset without duplicates costs one pass over the sizes."""
+    sizes_arr = np.asarray(sizes, dtype=np.int64)
+    groups = np.full(len(sizes_arr), -1, dtype=np.int64)
+    _, inverse, counts = np.unique(sizes_arr, return_inverse=True, return_counts=True)
+    candidates = np.flatnonzero(counts[inverse] > 1)
+    if not len(candidates):
+        return groups
+    with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
+        digests = list(pool.map(_digest, [files[i] for i in candidates]))
+    by_content: dict[tuple[int, str], list[int]] = {}
+    for i, digest in zip(candidates.tolist(), digests, strict=True):
+        if digest is not None:
+            by_content.setdefault((int(sizes_arr[i]), digest), []).append(i)
+    twins = [members for members in by_content.values() if len(members) > 1]
+    for gid, members in enumerate(sorted(twins)):
+        groups[members] = gid
+    return groups
+
+
+def duplicate_summary(
+    groups: np.ndarray, paths: Sequence[str], ages: Sequence[float], max_examples: int = 3
+) -> dict[str, Any]:
+    """``{"n_groups", "n_copies" (images beyond the first of each group), "n_conflicting"
+    (groups whose copies carry different ages), "examples": ["a.jpg = b.jpg", ...]}``."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups.tolist()):
+        if g >= 0:
+            members.setdefault(g, []).append(i)
+    examples, conflicting = [], 0
+    for idx in members.values():
+        differ = len({float(ages[i]) for i in idx}) > 1
+        conflicting += differ
+        if len(examples) < max_examples:
+            shown = " = ".join(str(paths[i]) for i in idx[:3]) + (" …" if len(idx) > 3 else "")
+            ages_note = f" (ages {', '.join(f'{ages[i]:g}' for i in idx[:3])})" if differ else ""
+            examples.append(shown + ages_note)
+    return {
+        "n_groups": len(members),
+        "n_copies": sum(len(idx) - 1 for idx in members.values()),
+        "n_conflicting": conflicting,
+        "examples": examples,
+    }
+
+
+def format_duplicates(summary: dict[str, Any] | None, origin: str | Path = "") -> str:
+    """One line about byte-identical images (empty when there are none)."""
+    if not summary or not summary.get("n_groups"):
+        return ""
+    conflicting = summary.get("n_conflicting", 0)
+    return (
+        f"{summary['n_copies']} duplicate image(s): byte-identical copies in "
+        f"{summary['n_groups']} group(s)" + (f" in {origin}" if origin else "") + "; each "
+        "group is kept in one split (like one subject), so no test face is trained on"
+        + (
+            f"; {conflicting} group(s) carry different ages: check those labels"
+            if conflicting
+            else ""
+        )
+        + (f"; e.g. {'; '.join(summary['examples'])}" if summary.get("examples") else "")
+    )
 
 
 # ----------------------------------------------------------------------------- registry

@@ -1,8 +1,10 @@
 """Seeded train / calib / test splits: stratified by age band, subject-disjoint.
 
 Assignment is per *group*: all images of one subject form a group (so a person never appears
-in two splits); an image without a subject ("") is a group of its own. Each group gets an
-age band from its median age (``floor(age / band_width)``).
+in two splits); an image without a subject ("") is a group of its own. Byte-identical images
+(``duplicates``: copies or hard links of one file) join their groups into one, so a copy of a
+test face is never trained on. Each group gets an age band from its median age
+(``floor(age / band_width)``).
 
 Groups are visited band by band (youngest first), shuffled within a band by the seed (larger
 groups first, so big subjects are placed while there is still room to balance them), and each
@@ -15,6 +17,7 @@ smallest group of the largest split; fewer than three groups is an error.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,11 @@ from agelab.errors import DataError
 
 if TYPE_CHECKING:
     from agelab.config import SplitConfig
+
+#: Bumped whenever the same data and split config can give other splits (then a study's
+#: results are not comparable): 1 subject-disjoint stratified; 2 byte-identical duplicate
+#: images kept in one split like one subject. Part of a study's identity.
+SPLIT_VERSION = 2
 
 #: Warn when a split's share of the images is further than this from its target (only for
 #: datasets of at least MIN_IMAGES_TO_WARN images: tiny ones cannot be split finely).
@@ -54,11 +62,21 @@ def _groups(subjects: np.ndarray) -> tuple[np.ndarray, int]:
     return codes, n_known + int(unknown.sum())
 
 
-def assign_splits(ages: np.ndarray, subjects: np.ndarray | None, cfg: SplitConfig) -> np.ndarray:
-    """Split label ("train" | "calib" | "test") per image. Deterministic in ``cfg.seed``."""
+def assign_splits(
+    ages: np.ndarray,
+    subjects: np.ndarray | None,
+    cfg: SplitConfig,
+    duplicates: np.ndarray | None = None,
+) -> np.ndarray:
+    """Split label ("train" | "calib" | "test") per image. Deterministic in ``cfg.seed``.
+
+    ``duplicates``: a content-group id per image (-1: no twin), from
+    :func:`agelab.data.sources.content_groups`; images sharing an id share a split."""
     ages, subjects = _check_inputs(ages, subjects)
     n = len(ages)
     group_of, n_groups = _groups(subjects)
+    if duplicates is not None:
+        group_of, n_groups = _join_duplicates(group_of, n_groups, np.asarray(duplicates))
     if n_groups < len(SPLITS):
         raise DataError(
             f"cannot make train/calib/test splits from {n} image(s) in {n_groups} "
@@ -75,6 +93,45 @@ def assign_splits(ages: np.ndarray, subjects: np.ndarray | None, cfg: SplitConfi
     _warn_if_far(counts / n, np.array(fracs), n, n_groups)
     labels = np.asarray(SPLITS)[group_split[group_of]]
     return labels.astype("<U5")
+
+
+def _join_duplicates(
+    group_of: np.ndarray, n_groups: int, duplicates: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Merge the groups of images that are copies of each other (union-find over the few
+    groups involved); group numbers keep their order, so without duplicates nothing moves."""
+    if len(duplicates) != len(group_of):
+        raise ValueError(f"{len(duplicates)} duplicate ids for {len(group_of)} images")
+    twins = duplicates >= 0
+    if not twins.any():
+        return group_of, n_groups
+    parent = np.arange(n_groups)
+
+    def root(g: int) -> int:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = int(parent[g])
+        return g
+
+    order = np.argsort(duplicates[twins], kind="stable")
+    ids, groups = duplicates[twins][order], group_of[twins][order]
+    for start, stop in _runs(ids):
+        first = root(int(groups[start]))
+        for g in groups[start + 1 : stop].tolist():
+            other = root(g)
+            first, other = min(first, other), max(first, other)
+            parent[other] = first
+    for g in np.flatnonzero(parent != np.arange(n_groups)).tolist():
+        parent[g] = root(g)
+    _, renumbered = np.unique(parent, return_inverse=True)
+    return renumbered[group_of], int(renumbered.max()) + 1
+
+
+def _runs(sorted_ids: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of equal values in a sorted array."""
+    edges = np.flatnonzero(np.diff(sorted_ids)) + 1
+    bounds = [0, *edges.tolist(), len(sorted_ids)]
+    return list(itertools.pairwise(bounds))
 
 
 def _check_inputs(ages: np.ndarray, subjects: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

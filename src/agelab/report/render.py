@@ -9,8 +9,10 @@ HTML, so the HTML file alone is the whole report (mail it, open it from the MLfl
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -450,12 +452,15 @@ def write(
     """Write report.md, report.html, figures/*.png and runs.csv into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     fig_dir = folder / "figures"
-    for old in fig_dir.glob("*.png"):  # never leave a previous report's figures behind
-        old.unlink()
     figs = _write_figures(a, fig_dir, cs_curves) if figures else []
-    a.runs.drop(columns=[c for c in ("start_time",) if c in a.runs]).to_csv(
-        folder / "runs.csv", index=False, encoding="utf-8"
-    )
+    fresh = {path.name for _name, _title, path in figs}
+    for old in fig_dir.glob("*.png"):  # never leave a previous report's figures behind
+        if old.name not in fresh:
+            old.unlink()
+    from agelab.csvsafe import safe_frame  # run names and params are user text
+
+    table = safe_frame(a.runs.drop(columns=[c for c in ("start_time",) if c in a.runs]))
+    _replace(folder / "runs.csv", lambda tmp: table.to_csv(tmp, index=False, encoding="utf-8"))
     date = time.strftime("%Y-%m-%d %H:%M")
     meta_line = " · ".join(
         f"{k}: {v}"
@@ -470,9 +475,24 @@ def write(
         figs=figs,
     )
     md_path, html_path = folder / "report.md", folder / "report.html"
-    md_path.write_text(_markdown(a, page), encoding="utf-8")
-    html_path.write_text(_html(a, page), encoding="utf-8")
+    markdown, page_html = _markdown(a, page), _html(a, page)
+    _replace(md_path, lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
+    _replace(html_path, lambda tmp: tmp.write_text(page_html, encoding="utf-8"))
     return md_path, html_path
+
+
+def _replace(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write`` a temp file beside ``path``, then rename it over ``path``: a report stopped
+    midway (Ctrl-C) leaves each file whole, the previous version or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
 
 
 Section = tuple[str, list[tuple[str, Any]]]  # heading, [("table", Table) | ("text", str)]
@@ -501,7 +521,8 @@ def _write_figures(
     for name, title, make in builders:
         fig = make(a)
         if fig is not None:
-            figs.append((name, title, save_png(fig, fig_dir / f"{name}.png")))
+            path = _replace(fig_dir / f"{name}.png", lambda tmp, fig=fig: save_png(fig, tmp))
+            figs.append((name, title, path))
     return figs
 
 
