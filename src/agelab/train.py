@@ -413,7 +413,11 @@ def _epoch(loop: _Loop, epoch: int) -> tuple[dict[str, float], float]:
     seconds its training steps took."""
     t_epoch = time.perf_counter()
     bar = _progress_bar(loop, epoch)
-    loss_sum = _train_steps(loop, epoch, bar)
+    try:
+        loss_sum = _train_steps(loop, epoch, bar)
+    except BaseException:  # Ctrl-C: close the bar, or it redraws after the last message
+        bar.close()
+        raise
     if loop.cuda:
         torch.cuda.synchronize(loop.device)  # honest timing; the epoch-end read syncs anyway
     seconds_train = time.perf_counter() - t_epoch

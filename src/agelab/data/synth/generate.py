@@ -113,13 +113,17 @@ def _render_all(
     prev_threads = torch.get_num_threads()
     n_workers = max(1, min(workers or prev_threads, len(starts)))
     torch.set_num_threads(1)  # one chunk per core beats splitting every small op
+    pool = ThreadPoolExecutor(n_workers)
     try:
-        with ThreadPoolExecutor(n_workers) as pool:
-            for fut in [pool.submit(job, ci) for ci in range(len(starts))]:
-                fut.result()
-                if bar is not None:
-                    bar.update(1)
+        for fut in [pool.submit(job, ci) for ci in range(len(starts))]:
+            fut.result()
+            if bar is not None:
+                bar.update(1)
     finally:
+        # Ctrl-C (or a failed chunk) must not wait for every queued chunk, as leaving a
+        # ``with`` block would: drop the queue, wait only for the chunks already running
+        # (about 2^18 pixels each, milliseconds), so nothing writes into ``images`` later.
+        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(prev_threads)
         if bar is not None:
             bar.close()
