@@ -18,7 +18,7 @@ PYTEST   := $(BIN)/python -m pytest
 
 .DEFAULT_GOAL := help
 .PHONY: help install sysdeps demo test test-fast test-gpu lint study grid random workers \
-        report ui dashboard bench bench-quick preview clean
+        report check ui dashboard bench bench-quick preview clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -63,6 +63,9 @@ workers: install ## N local worker processes on one study: make workers N=4 STUD
 
 report: install ## ablation report (verdict, CIs, tests): make report STUDY=experiments/x.yaml | NAME
 	$(AGELAB) report $(STUDY) $(ARGS)
+
+check: install ## do Optuna and MLflow agree? repair what is safe: make check STUDY=... [ARGS=--dry-run]
+	$(AGELAB) check $(STUDY) $(ARGS)
 
 ui: install ## MLflow UI on http://$(HOST):$(PORT) (loopback only unless HOST is set)
 	$(AGELAB) ui --host $(HOST) --port $(PORT) $(ARGS)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -26,6 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import numpy as np
 import pytest
@@ -33,14 +36,23 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from mlflow.tracking import MlflowClient
 
 from agelab import cli
 from agelab import metrics as M
-from agelab.config import StudyConfig, flatten, load_config, validate
+from agelab.config import StudyConfig, TrackingConfig, flatten, load_config, validate
 from agelab.data.cache import CacheWarning
-from agelab.errors import CheckpointError, ConfigError, DataError, StoreError
+from agelab.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    StoreError,
+    StudyConfigChanged,
+)
+from agelab.tracking import default_artifact_location
 from helpers import REPO
 from helpers.images import jpeg_bytes, write_image
+from helpers.studies import tiny_study
 
 # ----------------------------------------------------------------------------- harness
 
@@ -154,6 +166,7 @@ class Bad:
     within_s: float | None = None  # fails fast: returns within this many seconds
     after: Callable[[Ctx], None] | None = None  # further checks (nothing was executed...)
     command: bool = True  # act runs an agelab command (for the CLI-level test)
+    slow: bool = False  # trains a study (more than ~5 s): marked slow
 
 
 # --------------------------------------------------------------------- special inputs
@@ -239,7 +252,206 @@ def nothing_executed(ctx: Ctx) -> None:
     assert not (ctx.tmp / "pwned").exists(), "the payload ran"
 
 
+# ------------------------------------------------------------ secrets, special files
+
+
+def nothing_leaked(*secrets: str) -> Callable[[Ctx], None]:
+    """After a row: no form of a secret (as written, %-encoded, form-encoded) in any file of
+    the store (MLflow's database, artifacts, the Optuna journal, reports) or of the row's
+    folder, the study file that holds it excepted."""
+
+    def check(ctx: Ctx) -> None:
+        forms = set()
+        for secret in secrets:
+            forms |= {secret, quote(secret, safe=""), quote_plus(secret)}
+        needles = {f.encode() for f in forms}
+        files = [f for d in (ctx.store, ctx.tmp) if d.exists() for f in d.rglob("*")]
+        scanned = 0
+        for f in files:
+            if f.is_file() and f.name != "study.yaml" and not f.is_symlink():
+                data = f.read_bytes()
+                scanned += 1
+                leaked = [n for n in needles if n in data]
+                assert not leaked, f"{f} holds {leaked}"
+        assert scanned or not ctx.store.exists(), "nothing was scanned"
+
+    return check
+
+
+def with_env(act: Callable[[Ctx], object], **env: str) -> Callable[[Ctx], object]:
+    """``act`` with environment variables set (restored after)."""
+
+    def run(ctx: Ctx) -> object:
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return act(ctx)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    return run
+
+
+def pg(password: str, db: str = "optuna", query: str = "") -> str:
+    """A PostgreSQL URI on a closed port (refused at once) with ``password``."""
+    return f"postgresql://agelab:{password}@127.0.0.1:9/{db}{query}"
+
+
+def fifo_listed(ctx: Ctx) -> Path:
+    path = manifest(ctx, "images/pipe.jpg,30")
+    os.mkfifo(path.parent / "images" / "pipe.jpg")
+    return path
+
+
+def fifo_manifest(ctx: Ctx) -> Path:
+    path = manifest(ctx).with_name("pipe.csv")
+    os.mkfifo(path)
+    return path
+
+
+def socket_listed(ctx: Ctx) -> Path:
+    path = manifest(ctx, "images/sock.jpg,30")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path.parent / "images" / "sock.jpg"))
+    sock.close()  # the socket file stays
+    return path
+
+
+def fifo_in_folder(ctx: Ctx) -> Path:
+    root = ctx.tmp / "utk"
+    for i in range(GOOD):
+        write_image(root / f"{20 + i}_0_0_2017010{i}.jpg", seed=i)
+    os.mkfifo(root / "30_0_0_20170109.jpg")
+    return root
+
+
+def fifo_study(ctx: Ctx) -> int:
+    os.mkfifo(ctx.tmp / "pipe.yaml")
+    return invoke(["config", str(ctx.tmp / "pipe.yaml")])
+
+
+def fgnet_with(name: str) -> Callable[[Ctx], Path]:
+    def build(ctx: Ctx) -> Path:
+        root = ctx.tmp / "fg"
+        for i in range(GOOD):
+            write_image(root / f"00{i}A1{i}.JPG", seed=i)
+        write_image(root / name, seed=9)
+        return root
+
+    return build
+
+
+def utk_with(name: str) -> Callable[[Ctx], Path]:
+    def build(ctx: Ctx) -> Path:
+        root = ctx.tmp / "utk"
+        for i in range(GOOD):
+            write_image(root / f"{20 + i}_0_0_2017010{i}.jpg", seed=i)
+        write_image(root / name, seed=9)
+        return root
+
+    return build
+
+
+def inspect_rows(*rows: str, copies: dict[str, str] | None = None, link: bool = False):
+    """``agelab data inspect`` of a manifest with ``rows`` appended; ``copies`` maps a new
+    file to the listed image it duplicates (a byte copy, or a hard link with ``link``)."""
+
+    def act(ctx: Ctx) -> int:
+        path = manifest(ctx, *rows)
+        for new, original in (copies or {}).items():
+            target = path.parent / new
+            if link:
+                os.link(path.parent / original, target)
+            else:
+                shutil.copyfile(path.parent / original, target)
+        return invoke(["data", "inspect", "csv", str(path)])
+
+    return act
+
+
+def deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+def leak_study(ctx: Ctx) -> int:
+    """A whole study (one tiny trial and its report) whose Optuna storage URI and description
+    carry passwords: accepted, and recorded masked everywhere."""
+    storage = (
+        f"sqlite:///file:{ctx.tmp}/optuna.db?mode=rwc&password={quote(LEAK_PW, safe='')}&uri=true"
+    )
+    raw = tiny_study(
+        ctx.tmp,
+        name="leaky",
+        description=f"mirror of postgresql://ana:{LEAK_PW}@db.example/faces",
+        data={"image_size": 16, "cache_dir": str(ctx.tmp / "cache"),
+              "synthetic": {"n_images": 40, "images_per_subject": 2, "seed": 0}},
+        search={"seeds": [0], "space": {"model.norm": ["batch"]}},
+        tracking={"root": str(ctx.tmp / "mlruns"), "log_figures": False, "storage": storage},
+    )  # fmt: skip
+    return invoke(["run", str(ctx.study(yaml.safe_dump(raw, allow_unicode=True))), "--quiet"])
+
+
+LEAK_PW = "le@k pä/ss:w%rd"
+
+
 # ------------------------------------------------------------------------------- table
+
+SECRETS = "secrets in URIs, messages and the store"
+PATHS = "names that become paths"
+STRICT = "strict, finite config values"
+AGES = "ages as plain ASCII numbers"
+QUOTING = "CSV quoting"
+SPECIAL = "special files"
+DUPLICATES = "duplicate images"
+IDENTITY = "a re-run with another config"
+STORES = "corrupt or missing stores"
+
+
+def tiny_run(*args: str) -> Callable[[Ctx], int]:
+    """A tiny study ``ident`` on the row's own store (two cells), run with ``args``."""
+
+    def act(ctx: Ctx) -> int:
+        raw = tiny_study(ctx.tmp, "ident", search={"space": {"model.norm": ["batch", "none"]}})
+        raw["data"]["cache_dir"] = str(ctx.tmp / "cache")
+        raw["report"] = {"auto": False}
+        return invoke(["run", str(ctx.study(yaml.safe_dump(raw))), "--quiet", *args])
+
+    return act
+
+
+def ran_then(*changes: str) -> Callable[[Ctx], int]:
+    """The tiny study run once as written, then again with ``changes``."""
+
+    def act(ctx: Ctx) -> int:
+        assert tiny_run()(ctx) == 0
+        return tiny_run(*changes)(ctx)
+
+    return act
+
+
+def trained_only_once(ctx: Ctx) -> None:
+    """Nothing of the refused run reached the stores: still the first run's two trials."""
+    client = MlflowClient(f"sqlite:///{ctx.tmp / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ident").experiment_id])
+    assert sorted(r.data.tags["agelab.run_kind"] for r in runs) == ["study", "trial", "trial"]
+
+
+def garbled_journal(ctx: Ctx) -> int:
+    journal = ctx.tmp / "mlruns" / "optuna" / "journal.log"
+    journal.parent.mkdir(parents=True)
+    journal.write_text('{"op_code": 0, "worker_id": "w", "study_name" oops}\n')
+    return tiny_run()(ctx)
+
+
+def not_a_database(ctx: Ctx) -> int:
+    (ctx.tmp / "mlruns").mkdir(parents=True)
+    (ctx.tmp / "mlruns" / "mlflow.db").write_bytes(b"this is no SQLite file" * 100)
+    return tiny_run()(ctx)
+
 
 HINT_SKIP = "or set data.on_bad=skip"
 LINE = "{csv} line 6"  # the header is line 1, GOOD = 4 good rows, then the bad one
@@ -463,6 +675,249 @@ CATALOGUE = [
         pickled_cache_array, CacheWarning,
         ("is corrupt", "does not load", "allow_pickle=False", "rebuilding"),
         after=nothing_executed, command=False),
+    # ------------------------------------------------- secrets (URIs of every shape)
+    Bad(SECRETS, "storage password with spaces and unicode",
+        run_tracking(storage=pg("pa ss wörd")), StoreError,
+        ("Optuna storage postgresql://agelab:***@127.0.0.1:9/optuna is unreachable",),
+        never=("pa ss", "wörd", "pa%20ss"), within_s=10, after=nothing_leaked("pa ss wörd")),
+    Bad(SECRETS, "tracking-server password with a space (urllib echoes the URL)",
+        run_tracking(uri="http://ana:pa ss-h1dden@127.0.0.1:9"), StoreError,
+        ("MLflow tracking server http://ana:***@127.0.0.1:9 is unreachable",),
+        never=("pa ss", "h1dden"), within_s=10, after=nothing_leaked("pa ss-h1dden")),
+    Bad(SECRETS, "password of non-ASCII letters", run_tracking(storage=pg("pässwörd€")),
+        StoreError, ("postgresql://agelab:***@127.0.0.1:9/optuna is unreachable",),
+        never=("pässwörd€", "p%C3%A4ssw"), within_s=10, after=nothing_leaked("pässwörd€")),
+    Bad(SECRETS, "%-escaped password", run_tracking(storage=pg("p%40ss%2Fw0rd")), StoreError,
+        ("postgresql://agelab:***@127.0.0.1:9/optuna is unreachable",),
+        never=("p%40ss%2Fw0rd", "p@ss/w0rd"), within_s=10, after=nothing_leaked("p@ss/w0rd")),
+    Bad(SECRETS, "unencoded '@' in the password", run_tracking(storage=pg("h@ck3d!")),
+        StoreError, ("postgresql://agelab:***@127.0.0.1:9/optuna: the password holds an '@'",
+                     "write it as %40"), never=("h@ck3d",), within_s=10),
+    Bad(SECRETS, "?password= query parameter",
+        run_tracking(storage="postgresql://agelab@127.0.0.1:9/optuna?password=qu3ry-pw"),
+        StoreError, ("postgresql://agelab@127.0.0.1:9/optuna?password=*** is unreachable",),
+        never=("qu3ry-pw",), within_s=10, after=nothing_leaked("qu3ry-pw")),
+    Bad(SECRETS, "?sslpassword= beside a password",
+        run_tracking(storage=pg("pw-0ne", query="?sslmode=require&sslpassword=k3y-pw")),
+        StoreError, ("postgresql://agelab:***@127.0.0.1:9/optuna?sslmode=require&sslpassword=***",),
+        never=("k3y-pw", "pw-0ne"), within_s=10, after=nothing_leaked("k3y-pw", "pw-0ne")),
+    Bad(SECRETS, "token as the user of an HTTPS URI",
+        run_tracking(uri="https://ghp_T0kenValue@127.0.0.1:9"), StoreError,
+        ("MLflow tracking server https://***@127.0.0.1:9 is unreachable",),
+        never=("ghp_T0kenValue",), within_s=10, after=nothing_leaked("ghp_T0kenValue")),
+    Bad(SECRETS, "?token= and api_key= in an HTTP URI",
+        run_tracking(uri="http://127.0.0.1:9/?token=t0k-value&api_key=ap1-value"), StoreError,
+        ("MLflow tracking server http://127.0.0.1:9/?token=***&api_key=*** is unreachable",),
+        never=("t0k-value", "ap1-value"), within_s=10),
+    Bad(SECRETS, "$MLFLOW_TRACKING_URI with a password",
+        with_env(run_tracking(), MLFLOW_TRACKING_URI="postgresql+psycopg2://agelab:env pw!@"
+                 "127.0.0.1:9/mlflow"), StoreError,
+        ("MLflow tracking store postgresql+psycopg2://agelab:***@127.0.0.1:9/mlflow is "
+         "unreachable",), never=("env pw",), within_s=10, after=nothing_leaked("env pw!")),
+    Bad(SECRETS, "$AGELAB_OPTUNA_STORAGE with a password",
+        with_env(run_tracking(), AGELAB_OPTUNA_STORAGE=pg("env%20pw0rd")), StoreError,
+        ("Optuna storage postgresql://agelab:***@127.0.0.1:9/optuna is unreachable",),
+        never=("env%20pw0rd", "env pw0rd"), within_s=10),
+    Bad(SECRETS, "password in a URI SQLAlchemy cannot parse",
+        run_tracking(storage="postgresql://agelab:p4rse-pw@127.0.0.1:notaport/optuna"),
+        StoreError, ("Optuna storage postgresql://agelab:***@127.0.0.1:notaport/optuna is not "
+                     "a valid database URI",), never=("p4rse-pw",), within_s=10),
+    Bad(SECRETS, "a whole study with passwords in its storage URI and description",
+        leak_study, None, ("password=***",), never=(LEAK_PW, quote(LEAK_PW, safe="")),
+        after=nothing_leaked(LEAK_PW), slow=True),
+    # ------------------------------------------------------ names that become paths
+    Bad(PATHS, "tracking.experiment=../../x",
+        run_config("name: x\n", "tracking.experiment=../../x"), ConfigError,
+        ("tracking.experiment: '../../x' cannot be an experiment name",
+         "without / or \\", "not starting with '.'"),
+        after=lambda ctx: not (ctx.tmp.parent / "x").exists() or pytest.fail("escaped")),
+    Bad(PATHS, "an absolute experiment name",
+        run_config("name: x\ntracking: {experiment: /tmp/elsewhere}\n"), ConfigError,
+        ("tracking.experiment: '/tmp/elsewhere' cannot be",)),
+    Bad(PATHS, "a folder inside the experiment name",
+        run_config("name: x\ntracking: {experiment: team/x}\n"), ConfigError,
+        ("tracking.experiment: 'team/x' cannot be",)),
+    Bad(PATHS, "experiment '..'", run_config("name: x\ntracking: {experiment: '..'}\n"),
+        ConfigError, ("tracking.experiment: '..' cannot be",)),
+    Bad(PATHS, "a hidden experiment name",
+        run_config("name: x\ntracking: {experiment: .hidden}\n"), ConfigError,
+        ("tracking.experiment: '.hidden' cannot be",)),
+    Bad(PATHS, "a newline in the experiment name",
+        run_config('name: x\ntracking: {experiment: "a\\nb"}\n'), ConfigError,
+        ("tracking.experiment: 'a\\nb' cannot be", "control characters")),
+    Bad(PATHS, "spaces and brackets in an experiment name: accepted",
+        run_config("name: x\ntracking: {experiment: My study (v2)}\n", command="config"), None,
+        ("experiment: My study (v2)",)),
+    Bad(PATHS, "agelab report with a path for the study name",
+        lambda ctx: invoke(["report", "../../x", "--root", str(ctx.store)]), ConfigError,
+        ("study '../../x'", "name: String should match pattern")),
+    Bad(PATHS, "an experiment folder built from a name that skipped validation",
+        lambda ctx: default_artifact_location(TrackingConfig(root=ctx.tmp), "../../x"),
+        ConfigError, ("tracking.experiment", "'../../x' cannot be an MLflow experiment's"),
+        command=False),
+    Bad(PATHS, "a NUL byte in data.path", run_config('name: x\ndata: {path: "a\\0b.csv"}\n'),
+        ConfigError, ("data.path: 'a\\x00b.csv' holds a NUL byte",)),
+    # ------------------------------------------------------------- strict config
+    Bad(STRICT, "a key given twice", run_config("name: x\ntrain:\n  epochs: 2\n  epochs: 3\n"),
+        ConfigError, ("{study}", "duplicate key 'epochs' at line 4, column 3 (first given at "
+                      "line 3, column 3)", "remove or rename one of them")),
+    Bad(STRICT, "a section given twice", run_config("name: x\ntrain: {}\nname: y\n"),
+        ConfigError, ("duplicate key 'name' at line 3, column 1 (first given at line 1",)),
+    Bad(STRICT, "a key twice in a flow mapping",
+        run_config("name: x\ntrain: {lr: 0.1, lr: 0.01}\n"), ConfigError,
+        ("duplicate key 'lr' at line 2, column 18",)),
+    Bad(STRICT, "a key twice in an override value",
+        run_config("name: x\n", "model={norm: batch, norm: none}"), ConfigError,
+        ("(command line)", "duplicate key 'norm'")),
+    Bad(STRICT, "a merge key overridden: accepted",
+        run_config("name: x\ntrain:\n  <<: {epochs: 2, lr: 0.01}\n  epochs: 3\n",
+                   command="config"), None, ("epochs: 3", "lr: 0.01")),
+    Bad(STRICT, "nesting 5,000 levels deep", run_config(f"name: x\ntrain: {deep(5000)}\n"),
+        ConfigError, ("{study}", "nested far more than 32 levels deep"), within_s=5),
+    Bad(STRICT, "nesting 40 levels deep", run_config(f"name: x\ndata: {deep(40)}\n"),
+        ConfigError, ("data: nested more than 32 levels deep",)),
+    Bad(STRICT, "nesting 5,000 levels deep in an override",
+        run_config("name: x\n", f"train.lr={deep(5000)}"), ConfigError,
+        ("train.lr: nested far more than 32 levels deep",), within_s=5),
+    Bad(STRICT, "infinite warm-up", run_config("name: x\ntrain: {warmup_epochs: .inf}\n"),
+        ConfigError, ("train.warmup_epochs: Input should be a finite number (got inf)",)),
+    Bad(STRICT, "infinite label-noise scale",
+        run_config("name: x\ndata: {synthetic: {label_noise: {kind: normal, scale: .inf}}}\n"),
+        ConfigError, ("data.synthetic.label_noise.scale: Input should be a finite number",)),
+    Bad(STRICT, "an infinite age band edge",
+        run_config("name: x\nmetrics: {age_bands: [0, 50, .inf]}\n"), ConfigError,
+        ("metrics.age_bands.2: Input should be a finite number",)),
+    Bad(STRICT, "NaN learning rate", run_config("name: x\n", "train.lr=.nan"), ConfigError,
+        ("train.lr: Input should be a finite number",)),
+    Bad(STRICT, "an infinite end of a search range",
+        run_config("name: x\nsearch: {sampler: random, n_trials: 2, "
+                   "space: {train.lr: {low: 0.001, high: .inf}}}\n"), ConfigError,
+        ("search.space.train.lr.high: Input should be a finite number",)),
+    Bad(STRICT, "infinite stratification band",
+        run_config("name: x\ndata: {split: {band_width: .inf}}\n"), ConfigError,
+        ("data.split.band_width: Input should be a finite number",)),
+    Bad(STRICT, "infinite gradient clip", run_config("name: x\ntrain: {grad_clip: .inf}\n"),
+        ConfigError, ("train.grad_clip: Input should be a finite number",)),
+    Bad(STRICT, "an infinite value in a grid",
+        run_config("name: x\nsearch: {space: {train.lr: [0.001, .inf]}}\n"), ConfigError,
+        ("search.space.train.lr: value inf: Input should be a finite number",)),
+    Bad(STRICT, "negative seed", run_config("name: x\n", "train.seed=-1"), ConfigError,
+        ("train.seed: seed -1 does not fit the random generators: use 0 … 4,294,967,295",)),
+    Bad(STRICT, "split seed of 2**32",
+        run_config("name: x\ndata: {split: {seed: 4294967296}}\n"), ConfigError,
+        ("data.split.seed: seed 4294967296 does not fit",)),
+    Bad(STRICT, "a replicate seed of 2**40",
+        run_config("name: x\nsearch: {seeds: [0, 1099511627776]}\n"), ConfigError,
+        ("search.seeds.1: seed 1099511627776 does not fit",)),
+    Bad(STRICT, "negative sampler seed", run_config("name: x\n", "search.sampler_seed=-7"),
+        ConfigError, ("search.sampler_seed: seed -7 does not fit",)),
+    Bad(STRICT, "synthetic-data seed of 2**64",
+        run_config("name: x\ndata: {synthetic: {seed: 18446744073709551616}}\n"), ConfigError,
+        ("data.synthetic.seed: seed 18446744073709551616 does not fit",)),
+    Bad(STRICT, "the largest 32-bit seed: accepted",
+        run_config("name: x\n", "train.seed=4294967295", command="config"), None,
+        ("seed: 4294967295",)),
+    Bad(STRICT, "a grid value twice", run_config("name: x\n",
+        "search.space.model.norm=[batch, batch]"), ConfigError,
+        ("search.space.model.norm lists 'batch' twice", "train the same cell twice")),
+    Bad(STRICT, "one grid value written two ways",
+        run_config("name: x\nsearch: {space: {train.lr: [0.001, 1.0e-3]}}\n"), ConfigError,
+        ("search.space.train.lr lists 0.001 twice",)),
+    Bad(STRICT, "2 and 2.0 in a grid",
+        run_config("name: x\nsearch: {space: {train.epochs: [2, 2.0]}}\n"), ConfigError,
+        ("search.space.train.epochs lists 2.0 twice (as 2)",)),
+    # ----------------------------------------------------------- ages as written
+    Bad(AGES, "Arabic-Indic digits", run_rows("images/extra.jpg,٣٠"), DataError,
+        (LINE, "age is not a number", "'٣٠' is not a plain decimal number (non-ASCII digits)",
+         "digits 0-9")),
+    Bad(AGES, "full-width digits", run_rows("images/extra.jpg,３０"), DataError,
+        (LINE, "'３０' is not a plain decimal number (non-ASCII digits)",)),
+    Bad(AGES, "exponent notation", run_rows("images/extra.jpg,1e1"), DataError,
+        (LINE, "'1e1' is not a plain decimal number (exponent notation)",)),
+    Bad(AGES, "digit separator", run_rows("images/extra.jpg,3_0"), DataError,
+        (LINE, "'3_0' is not a plain decimal number (digit separators)",)),
+    Bad(AGES, "decimal comma", run_rows('images/extra.jpg,"30,5"'), DataError,
+        (LINE, "'30,5' is not a plain decimal number (digit separators)",)),
+    Bad(AGES, "infinity", run_rows("images/extra.jpg,inf"), DataError,
+        (LINE, "'inf' is not a finite number",)),
+    Bad(AGES, "a plus sign", run_rows("images/extra.jpg,+30"), DataError,
+        (LINE, "'+30' is not a plain decimal number (a plus sign)",)),
+    Bad(AGES, "hexadecimal", run_rows("images/extra.jpg,0x1E"), DataError,
+        (LINE, "'0x1E' is not a plain decimal number",)),
+    Bad(AGES, "400 digits", run_rows("images/extra.jpg," + "9" * 400), DataError,
+        (LINE, "age above max_age", "age 999999999999999999999999999999999999999…")),
+    Bad(AGES, "spaces around a CSV age: accepted",
+        inspect_rows("images/extra.jpg,  30 "), None, ("usable: 5   bad: 0",)),
+    Bad(AGES, "UTKFace name with an exponent",
+        run_data(utk_with("1e1_0_0_20170109.jpg"), "utkface"), DataError,
+        ("1e1_0_0_20170109.jpg", "'1e1' is not a plain decimal number")),
+    Bad(AGES, "FG-NET name with Arabic-Indic digits",
+        run_data(fgnet_with("009A٣٠.JPG"), "fgnet"), DataError,
+        ("009A٣٠.JPG", "name does not match pattern")),
+    # ---------------------------------------------------------------- CSV quoting
+    Bad(QUOTING, "a quote left open in the middle",
+        run_rows('"images/extra.jpg,30', "images/img0.jpg,31", "images/img1.jpg,32"), DataError,
+        (LINE + ": bad quoting: a quote opened here is never closed (it runs to the end, "
+         "line 8)", "every row after it would be misread")),
+    Bad(QUOTING, "a quote closed lines later",
+        run_rows('images/extra.jpg,"30', 'images/img0.jpg",31'), DataError,
+        (LINE + ": bad quoting: a quote opened in column 'age' closes only on line 7",)),
+    Bad(QUOTING, "text after a closing quote", run_rows('"images/extra".jpg,30'), DataError,
+        (LINE + ": bad quoting: the quoting is malformed", "expected after")),
+    Bad(QUOTING, "a quote left open, under on_bad=skip",
+        run_rows('"images/extra.jpg,30', "images/img0.jpg,31", on_bad="skip"), DataError,
+        (LINE + ": bad quoting",)),
+    # -------------------------------------------------------------- special files
+    Bad(SPECIAL, "a FIFO as the manifest", run_data(fifo_manifest), DataError,
+        ("manifest {tmp}/ds/pipe.csv is a FIFO (named pipe), not a file",
+         "give the CSV file itself"), within_s=5),
+    Bad(SPECIAL, "a FIFO listed as an image", run_data(fifo_listed), DataError,
+        (LINE + " (images/pipe.jpg): not a regular file", "is a FIFO (named pipe)",
+         "list image files only"), within_s=5),
+    Bad(SPECIAL, "a FIFO named like a UTKFace image", run_data(fifo_in_folder, "utkface"),
+        DataError, ("30_0_0_20170109.jpg: not a regular file", "FIFO"), within_s=5),
+    Bad(SPECIAL, "a FIFO listed, under on_bad=skip: skipped",
+        lambda ctx: invoke(["data", "inspect", "csv", str(fifo_listed(ctx))]), None,
+        ("usable: 4   bad: 1", "1 × not a regular file"), within_s=10),
+    Bad(SPECIAL, "a socket listed as an image", run_data(socket_listed), DataError,
+        (LINE + " (images/sock.jpg): not a regular file", "is a socket"), within_s=5),
+    Bad(SPECIAL, "a character device as the manifest", run_data(lambda ctx: Path("/dev/zero")),
+        DataError, ("manifest /dev/zero is a character device, not a file",), within_s=5),
+    Bad(SPECIAL, "a FIFO as the study file", fifo_study, ConfigError,
+        ("{tmp}/pipe.yaml", "is a FIFO (named pipe), not a study file"), within_s=5),
+    Bad(SPECIAL, "a NUL byte in a CSV path", run_rows("images/ex\0tra.jpg,30"), DataError,
+        (LINE, "NUL byte in path", "'images/ex\\x00tra.jpg' holds a NUL byte"), within_s=5),
+    # ---------------------------------------------------------- duplicate images
+    Bad(DUPLICATES, "a copied image: counted, kept in one split",
+        inspect_rows("images/copy.jpg,20", copies={"images/copy.jpg": "images/img0.jpg"}),
+        None, ("usable: 5", "1 duplicate image(s): byte-identical copies in 1 group(s)",
+               "kept in one split", "images/img0.jpg = images/copy.jpg")),
+    Bad(DUPLICATES, "a hard link: counted",
+        inspect_rows("images/link.jpg,20", copies={"images/link.jpg": "images/img0.jpg"},
+                     link=True), None, ("1 duplicate image(s)",)),
+    Bad(DUPLICATES, "copies with different ages",
+        inspect_rows("images/copy.jpg,55", copies={"images/copy.jpg": "images/img1.jpg"}),
+        None, ("1 group(s) carry different ages: check those labels", "(ages 30, 55)")),
+    # ---------------------------------------------------------------- identity and stores
+    Bad(IDENTITY, "training setting changed", ran_then("train.epochs=2", "train.lr=0.002"),
+        StudyConfigChanged, ("study 'ident' was run with another config",
+        "train.epochs: 1 → 2", "train.lr: 0.001 → 0.002", "--new-version", "name=<new name>"),
+        after=trained_only_once, slow=True),
+    Bad(IDENTITY, "different data", ran_then("data.synthetic.seed=5"), StudyConfigChanged,
+        ("data.synthetic.seed: 0 → 5", "data.fingerprint:"), after=trained_only_once, slow=True),
+    Bad(IDENTITY, "--join a study nobody started", tiny_run("--join"), StoreError,
+        ("no study 'ident' to join", "start it with `agelab run` on one machine first")),
+    Bad(IDENTITY, "--join with --new-version", tiny_run("--join", "--new-version"), ConfigError,
+        ("--new-version and --join exclude each other",)),
+    Bad(STORES, "Optuna journal with a garbled record", garbled_journal, StoreError,
+        ("the Optuna journal {tmp}/mlruns/optuna/journal.log is corrupt at line 1",
+         "Restore a backup", "move it aside")),
+    Bad(STORES, "MLflow store that is not a database", not_a_database, StoreError,
+        ("the MLflow store {tmp}/mlruns/mlflow.db is corrupt", "move it aside",
+         "re-runs the cells whose runs are gone")),
+    Bad(STORES, "check of a study that does not exist",
+        lambda ctx: invoke(["check", "nobody", "--root", str(ctx.tmp / "mlruns")]), StoreError,
+        ("no study 'nobody' in the Optuna storage", "versions are <name>.v2")),
 ]
 # fmt: on
 
@@ -529,7 +984,7 @@ def run_row(row: Bad, ctx: Ctx, capsys: pytest.CaptureFixture[str]) -> str:
 
 def _marked(row: Bad):
     """Rows that wait out a server's silence take their timeout: marked slow."""
-    slow = row.act is hung_server
+    slow = row.act is hung_server or row.slow
     return pytest.param(row, id=row_id(row), marks=[pytest.mark.slow] if slow else [])
 
 
@@ -566,6 +1021,16 @@ def test_catalogue_covers_the_issue_list() -> None:
         "unwritable store",
         "tracking URI unreachable",
         "unsafe files",
+        # issue 14
+        SECRETS,
+        PATHS,
+        STRICT,
+        AGES,
+        QUOTING,
+        SPECIAL,
+        DUPLICATES,
+        IDENTITY,
+        STORES,
     }
     assert {row.item for row in CATALOGUE} == items
     assert len({row_id(r) for r in CATALOGUE}) == len(CATALOGUE)

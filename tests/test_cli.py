@@ -40,7 +40,7 @@ def _user_errors() -> list[type]:
     found = [
         c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.UserError)
     ]
-    assert len(found) >= 7, found  # the base and its six kinds
+    assert len(found) >= 8, found  # the base and its kinds
     return found
 
 
@@ -48,7 +48,11 @@ def _user_errors() -> list[type]:
 def test_every_user_error_is_one_line_and_exit_2(kind: type, monkeypatch, capsys) -> None:
     from agelab import cli
 
-    error = kind("study.yaml", ["bad thing"]) if kind.__name__ == "ConfigError" else kind("bad")
+    made = {
+        "ConfigError": lambda: kind("study.yaml", ["bad thing"]),
+        "StudyConfigChanged": lambda: kind("demo", ["train.epochs: 6 → 3"], ["a bad idea"]),
+    }
+    error = made.get(kind.__name__, lambda: kind("bad"))()
 
     def fails(_args):
         raise error

@@ -23,136 +23,27 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from agelab import faults
-from agelab.config import StudyConfig, load_config
+from agelab.config import load_config
 from agelab.data.cache import CacheWarning
 from agelab.data.load import load_dataset
 from agelab.study import (
-    A_KEY,
     A_REASON,
     A_RUN,
     open_storage,
     open_study,
-    plan_key,
-    planned_trials,
     storage_url,
 )
-from agelab.tracking import TAG_KIND, TAG_REASON, TAG_STUDY, TAG_TRIAL, default_uri
+from agelab.tracking import TAG_KIND, TAG_REASON, TAG_STUDY, default_uri
 from helpers import REPO
-from helpers.studies import tiny_study
+from helpers.invariants import assert_study_consistent, tail, write_study
+from helpers.namespaces import why_no_mount_namespace
+from helpers.zygote import Zygote
 
 # ------------------------------------------------------------------------------ zygote
-
-ZYGOTE = r"""
-import json, os, re, resource, signal, sys, time, traceback
-import torch, timm, mlflow, optuna, sqlalchemy  # noqa: F401  (the import cost, paid once)
-from mlflow.tracking import MlflowClient  # noqa: F401
-import agelab.cli, agelab.study, agelab.objective, agelab.train, agelab.tracking  # noqa
-import agelab.data.load, agelab.data.synth, agelab.metrics, agelab.plots, agelab.models  # noqa
-import agelab.reporting  # noqa
-
-
-def reply(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def child(cmd):
-    fd = os.open(cmd["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    os.environ.update(cmd.get("env") or {})
-    if cmd.get("as_extra_mb"):  # a memory cap: what is mapped now + this much
-        vm = int(re.search(r"VmSize:\s+(\d+)", open("/proc/self/status").read())[1]) * 1024
-        cap = vm + cmd["as_extra_mb"] * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
-    if cmd.get("fsize"):  # files may not grow past this: writes fail with EFBIG
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (cmd["fsize"], resource.RLIM_INFINITY))
-    return agelab.cli.main(cmd["argv"])
-
-
-reply({"ready": os.getpid()})
-for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd["op"] == "start":
-        pid = os.fork()
-        if pid == 0:
-            rc = 70
-            try:
-                rc = child(cmd)
-            except SystemExit as exc:
-                rc = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(rc or 0)
-        reply({"pid": pid})
-    elif cmd["op"] == "wait":
-        deadline = time.time() + cmd["timeout"]
-        while True:
-            done, status = os.waitpid(cmd["pid"], os.WNOHANG)
-            if done:
-                reply({"rc": os.waitstatus_to_exitcode(status)})
-                break
-            if time.time() > deadline:
-                os.kill(cmd["pid"], signal.SIGKILL)
-                os.waitpid(cmd["pid"], 0)
-                reply({"rc": None})
-                break
-            time.sleep(0.02)
-"""
-
-
-class Zygote:
-    """Forks ``agelab`` invocations from a process with the heavy imports done."""
-
-    def __init__(self) -> None:
-        env = os.environ | {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", ZYGOTE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        assert "ready" in self._reply(), "the zygote did not start"
-
-    def _reply(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the zygote died (exit code {self.proc.wait()})")
-        return json.loads(line)
-
-    def _send(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._reply()
-
-    def start(self, argv: list[str], log: Path, env: dict | None = None, **limits) -> int:
-        return self._send(op="start", argv=argv, log=str(log), env=env or {}, **limits)["pid"]
-
-    def wait(self, pid: int, timeout: float = 240) -> int | None:
-        """Exit code (negative: killed by that signal); None after a timeout (child killed)."""
-        return self._send(op="wait", pid=pid, timeout=timeout)["rc"]
-
-    def run(self, argv: list[str], log: Path, env: dict | None = None, **limits) -> int | None:
-        return self.wait(self.start(argv, log, env, **limits))
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -160,70 +51,6 @@ def zygote():
     z = Zygote()
     yield z
     z.close()
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def write_study(root: Path, name: str, **sections) -> Path:
-    """A tiny study file on the store and data cache under ``root``."""
-    raw = tiny_study(root, name, **sections)
-    raw["data"].setdefault("cache_dir", str(root / "cache"))
-    raw["train"]["device"] = "cpu"  # the memory cap and the hit counts assume the CPU path
-    if "report" in StudyConfig.model_fields:  # the ablation report is not under test here
-        raw["report"] = {"auto": False}
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def tail(log: Path, n: int = 40) -> str:
-    lines = log.read_text(errors="replace").splitlines() if log.exists() else ["(no log)"]
-    return "\n".join(lines[-n:])
-
-
-FINAL_METRICS = ("mae", "calib_mae", "coverage_at_mae", "conformal_90_coverage", "train_loss")
-
-
-def check_study(path: Path) -> dict[str, int]:
-    """A finished study: every planned cell COMPLETE exactly once in Optuna, and a store
-    where nothing is RUNNING, every COMPLETE trial has exactly one FINISHED nested run with
-    its metrics, every other trial run is KILLED and every run belongs to this study."""
-    cfg = load_config(path)
-    study = open_study(cfg, open_storage(storage_url(cfg)))
-    trials = study.get_trials(deepcopy=False)
-    states = Counter(t.state for t in trials)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    planned = sorted(plan_key(p) for p in planned_trials(cfg))
-    assert sorted(t.user_attrs[A_KEY] for t in complete) == planned, "a cell missing or repeated"
-    assert states[TrialState.RUNNING] == states[TrialState.WAITING] == 0, states
-    for t in trials:
-        if t.state == TrialState.FAIL:  # only workers that died, all re-queued
-            assert t.user_attrs[A_REASON].startswith("worker died"), t.user_attrs
-
-    client = MlflowClient(default_uri(cfg.tracking))
-    exp = client.get_experiment_by_name(cfg.name)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    statuses = Counter(r.info.status for r in runs)
-    assert statuses["RUNNING"] == 0, statuses
-    assert all(r.data.tags[TAG_STUDY] == cfg.name for r in runs)  # no run of another study
-    parents = {r.info.run_id: r for r in runs if r.data.tags[TAG_KIND] == "study"}
-    nested = [r for r in runs if r.data.tags[TAG_KIND] == "trial"]
-    assert all(r.data.tags["mlflow.parentRunId"] in parents for r in nested)
-    assert {r.info.status for r in parents.values()} <= {"FINISHED", "KILLED"}
-    by_trial: dict[int, list] = {}
-    for r in nested:
-        by_trial.setdefault(int(r.data.tags[TAG_TRIAL]), []).append(r)
-    for t in complete:
-        (run,) = by_trial.pop(t.number)  # exactly one nested run per COMPLETE trial
-        assert run.info.status == "FINISHED" and run.info.run_id == t.user_attrs[A_RUN]
-        assert set(FINAL_METRICS) <= set(run.data.metrics), sorted(run.data.metrics)
-        objective = run.data.metrics.get("best_calib_mae", run.data.metrics["calib_mae"])
-        assert objective == pytest.approx(t.value)
-    leftovers = [r for rs in by_trial.values() for r in rs]  # runs of killed trials
-    assert all(r.info.status == "KILLED" for r in leftovers), [r.info for r in leftovers]
-    assert all("worker died" in r.data.tags.get(TAG_REASON, "worker died") for r in leftovers)
-    return {"complete": len(complete), "killed_runs": len(leftovers), "runs": len(runs)}
 
 
 def check_cache(path: Path) -> None:
@@ -307,7 +134,7 @@ def test_sigkill_at_seeded_points_then_resume(zygote: Zygote, tmp_path: Path) ->
 
         rc = zygote.run(["run", str(study), "--quiet"], log, env)
         assert rc == 0, f"resume after {point}:{hit} failed (exit {rc}):\n{tail(log)}"
-        summary = check_study(study)
+        summary = assert_study_consistent(study)
         check_cache(study)
         survived.append(f"{point}:{hit} → {summary}")
     print("\n".join(["kill points survived:", *survived]))
@@ -341,8 +168,8 @@ def test_two_studies_at_once_in_one_new_store_do_not_mix(zygote: Zygote, tmp_pat
     ]
     rcs = [zygote.wait(pid) for pid in pids]
     assert rcs == [0, 0], "\n".join(tail(log) for log in logs)
-    assert check_study(alpha) == {"complete": 2, "killed_runs": 0, "runs": 3}
-    assert check_study(beta) == {"complete": 3, "killed_runs": 0, "runs": 4}
+    assert assert_study_consistent(alpha) == {"complete": 2, "killed_runs": 0, "runs": 3}
+    assert assert_study_consistent(beta) == {"complete": 3, "killed_runs": 0, "runs": 4}
     # One Optuna storage, two studies, each with its own trials and runs.
     cfg_a, cfg_b = load_config(alpha), load_config(beta)
     storage = open_storage(storage_url(cfg_a))
@@ -385,7 +212,7 @@ def test_out_of_memory_fails_the_trial_with_a_reason_and_the_study_goes_on(
     assert rc == 0, tail(log)
     cfg = load_config(study)
     trials = open_study(cfg, open_storage(storage_url(cfg))).get_trials()
-    by_size = {t.params["data.image_size"]: t for t in trials}
+    by_size = {t.user_attrs["params"]["data.image_size"]: t for t in trials}
     assert by_size[32].state == TrialState.COMPLETE, tail(log)
     big = by_size[512]
     assert big.state == TrialState.FAIL, tail(log)
@@ -442,25 +269,11 @@ print(json.dumps(out))
 """
 
 
-def _unshare_works() -> str | None:
-    """None when a private mount namespace with tmpfs can be made, else why not."""
-    if shutil.which("unshare") is None:
-        return "the unshare command is missing (util-linux)"
-    probe = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs x /mnt"],
-        capture_output=True,
-        text=True,
-    )
-    if probe.returncode != 0:
-        return f"cannot mount a tmpfs in a user namespace here: {probe.stderr.strip()[:200]}"
-    return None
-
-
 @pytest.mark.slow
 def test_full_and_read_only_store_fail_before_training(tmp_path: Path) -> None:
     """A real full disk and a real read-only filesystem (tmpfs mounts in a private mount
     namespace): `agelab run` stops at the write probe with the folder and what to do."""
-    why = _unshare_works()
+    why = why_no_mount_namespace()
     if why:
         pytest.skip(why)
     full, ro = tmp_path / "full", tmp_path / "ro"

@@ -84,7 +84,10 @@ def test_four_workers_share_a_16_cell_grid_on_postgres(
     keys = [t.user_attrs[A_KEY] for t in all_trials]
     assert len(keys) == len(set(keys)) == 16, Counter(keys).most_common(3)
     assert not [t.user_attrs[A_REASON] for t in all_trials if A_REASON in t.user_attrs]
-    cells = {(t.params["model.norm"], t.params["model.act"]) for t in all_trials}
+    cells = {
+        (t.user_attrs["params"]["model.norm"], t.user_attrs["params"]["model.act"])
+        for t in all_trials
+    }
     assert cells == {(n, a) for n in GRID_16["model.norm"] for a in GRID_16["model.act"]}
 
     # MLflow (on PostgreSQL): one finished parent, 16 finished nested runs, one per cell.

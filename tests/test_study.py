@@ -84,7 +84,7 @@ def test_smoke_study_records_everything(tmp_path: Path) -> None:
         ):
             assert key in m, key
         assert m["best_calib_mae"] == pytest.approx(trial.value)
-        assert run.data.params["model.norm"] == trial.params["model.norm"]
+        assert run.data.params["model.norm"] == trial.user_attrs["params"]["model.norm"]
         assert "census.requested.norm" in run.data.tags or any(
             k.startswith("census.") for k in run.data.tags
         )

@@ -24,7 +24,7 @@ from agelab.study import (
     planned_trials,
     storage_url,
 )
-from agelab.study.plan import suggest
+from agelab.study.plan import trial_params
 from agelab.tracking import default_uri
 from helpers import REPO
 from helpers.studies import tiny_study
@@ -34,7 +34,7 @@ BASELINE = Path(__file__).parent / "data" / "smoke_baseline.json"
 
 def test_optuna_private_api_agelab_relies_on(tmp_path: Path) -> None:
     """What :mod:`agelab.study.optuna_compat` needs from Optuna's internals, on a real
-    journal storage: an enqueued trial is popped once (WAITING→RUNNING) with its fixed params,
+    journal storage: an enqueued trial is popped once (WAITING→RUNNING) with its planned params,
     an empty queue gives None (never a new trial), and another process's trial can be
     annotated until it finishes."""
     cfg = validate(tiny_study(tmp_path))
@@ -44,7 +44,7 @@ def test_optuna_private_api_agelab_relies_on(tmp_path: Path) -> None:
     taken = []
     while (trial := optuna_compat.pop_waiting_trial(study)) is not None:
         assert isinstance(trial, optuna.Trial)
-        taken.append(suggest(trial, cfg))
+        taken.append(trial_params(trial, cfg))
     assert len(taken) == 4 and len({json.dumps(p, sort_keys=True) for p in taken}) == 4
     assert taken == planned_trials(cfg)  # the queue keeps the planned order
     assert len(study.get_trials()) == 4, "popping an empty queue must not create a trial"

@@ -8,6 +8,9 @@ clear message and exit 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,15 +39,34 @@ def _load(study: str | None, overrides: list[str]):
 # ------------------------------------------------------------------------------ commands
 
 
+def _terminate_like_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    # SIGTERM (timeout, systemd, docker stop, a cluster's preemption) stops the study as
+    # Ctrl-C does: the trial in flight is re-queued and its run closed, not left RUNNING.
+    previous = signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
+    try:
+        return _run_and_report(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_and_report(args: argparse.Namespace) -> int:
     from agelab.study import run_study
 
     cfg = _load(args.study, args.overrides)
     summary = run_study(
-        cfg, workers=args.workers, n_trials=args.n_trials, join=args.join, quiet=args.quiet
+        cfg,
+        workers=args.workers,
+        n_trials=args.n_trials,
+        join=args.join,
+        quiet=args.quiet,
+        new_version=args.new_version,
     )
     if cfg.report.auto and summary.counts["COMPLETE"]:
-        _report_after_study(cfg)
+        _report_after_study(summary.config)
     return 0 if summary.ok else 1
 
 
@@ -55,36 +77,60 @@ def _report_after_study(cfg) -> None:
 
         result = report_for_config(cfg)
     except Exception as exc:
+        from agelab.secrets import mask_uri
+
         print(
-            f"warning: the ablation report failed ({type(exc).__name__}: {exc}); the runs are "
-            f"safe — retry with: agelab report <study file> (study {cfg.name!r})"
+            f"warning: the ablation report failed ({type(exc).__name__}: {mask_uri(exc)}); the "
+            f"runs are safe — retry with: agelab report <study file> (study {cfg.name!r})"
         )
         return
     print_verdict(result, f"\nVerdict ({result.html}):")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from agelab.config import apply_overrides, validate
     from agelab.reporting import print_verdict, report_for_config
 
-    if Path(args.study).suffix in (".yaml", ".yml", ".json") or Path(args.study).is_file():
-        cfg = _load(args.study, args.overrides)
-    else:  # a study name in the store under --root (or $MLFLOW_TRACKING_URI)
-        raw = {"name": args.study, "tracking": {"root": args.root}}
-        cfg = validate(apply_overrides(raw, args.overrides), f"study {args.study!r}")
+    cfg = _study_config(args)
     result = report_for_config(cfg, out_dir=Path(args.out) if args.out else None, log=args.log)
-    print_verdict(result, f"Ablation report for study {cfg.name!r}\n\nVerdict:")
+    print_verdict(result, f"Ablation report for study {result.study!r}\n\nVerdict:")
     print(f"\nwrote {result.markdown} and {result.html}")
     if args.log and result.parent_run_id:
         print(f"logged under report/ on parent run {result.parent_run_id}")
     return 0
 
 
+def _study_config(args: argparse.Namespace):
+    """A study file (its version resolved by config identity) or an exact study name in the
+    store under ``--root`` (or ``$MLFLOW_TRACKING_URI``)."""
+    from agelab.config import apply_overrides, validate
+
+    if Path(args.study).suffix in (".yaml", ".yml", ".json") or Path(args.study).is_file():
+        from agelab.study import open_storage, storage_url, version_for_report, versioned
+
+        cfg = _load(args.study, args.overrides)
+        version, note = version_for_report(open_storage(storage_url(cfg)), cfg)
+        if note:
+            print(f"note: {note}")
+        return versioned(cfg, version)
+    raw = {"name": args.study, "tracking": {"root": args.root}}
+    return validate(apply_overrides(raw, args.overrides), f"study {args.study!r}")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from agelab.study.check import check_study
+
+    for line in check_study(_study_config(args), repair=not args.dry_run):
+        print(line)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
+    from agelab.secrets import mask_tree
+
     cfg = _load(args.study, args.overrides)
-    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    print(yaml.safe_dump(mask_tree(cfg.model_dump(mode="json")), sort_keys=False), end="")
     print(f"# valid; {cfg.search.n_total()} trial(s) planned", file=sys.stderr)
     if cfg.search.n_total() > cfg.search.warn_cells:
         import torch
@@ -194,6 +240,12 @@ def _add_study_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="join a study prepared elsewhere (other machines): do not plan trials",
     )
+    p.add_argument(
+        "--new-version",
+        action="store_true",
+        help="the config changed what a trial computes: keep the study's results and start "
+        "its next version (<name>.v2, ...) with this config",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -211,6 +263,15 @@ def _add_study_commands(sub: argparse._SubParsersAction) -> None:
     )
     _add_overrides(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "check", help="compare a study's Optuna trials with its MLflow runs; repair what is safe"
+    )
+    p.add_argument("study", help="study file (experiments/demo.yaml) or a study name")
+    p.add_argument("--root", default="mlruns", help="store folder when STUDY is a name")
+    p.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("config", help="validate a study file and print the resolved config")
     p.add_argument("study")
@@ -265,7 +326,8 @@ def _add_browser_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agelab.errors import UserError
+    from agelab.errors import UserError, transient_cause
+    from agelab.secrets import mask_uri
 
     parser = build_parser()
     # Overrides may follow flags (``run x.yaml --quiet train.epochs=2``), which plain
@@ -280,12 +342,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:  # anything else is a bug and keeps its traceback
-        print(f"agelab: {exc}", file=sys.stderr)
+        print(f"agelab: {mask_uri(exc)}", file=sys.stderr)  # never a password, whatever raised
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\nagelab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"\nagelab: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
+    except Exception as exc:  # a full disk or a lost database is not a bug either
+        cause = transient_cause(exc)
+        if cause is None:
+            raise
+        print(
+            f"agelab: stopped by the machine or a store: {cause}. Fix that (free space, fix "
+            "permissions, restart the database), then run the same command again",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
+
+
+def entry() -> None:
+    """The ``agelab`` command. After Ctrl-C, leave at once (exit handlers run, outputs
+    flushed) instead of spending seconds unloading torch and MLflow: the message is out and
+    everything is resumable. (Not in :func:`main`: tests call it in-process.)"""
+    code = main()
+    if code == 130:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -15,6 +15,8 @@ The concrete classes also derive from the built-in they always were (``ValueErro
 
 from __future__ import annotations
 
+import errno
+
 
 class UserError(Exception):
     """A problem the user can fix; the message names the file/field/URI and what to do."""
@@ -28,6 +30,21 @@ class ConfigError(UserError, ValueError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"invalid study config {source}:\n{lines}")
+
+
+class StudyConfigChanged(UserError):
+    """A study is re-run with a config that changes its results; the message lists the changed
+    fields and the ways forward (a new version, a new name, or undoing the change)."""
+
+    def __init__(self, study: str, changed: list[str], ways: list[str]):
+        self.study, self.changed, self.ways = study, changed, ways
+        lines = [
+            f"study {study!r} was run with another config; its results are not reused "
+            "for this one.",
+            "  changed: " + "; ".join(changed),
+        ]
+        lines += [f"  - {w}" for w in ways]
+        super().__init__("\n".join(lines))
 
 
 class DataError(UserError, ValueError):
@@ -73,3 +90,65 @@ class TrainingDiverged(RuntimeError):
             f"training diverged: {detail} at epoch {epoch}, step {step} "
             f"(lr {lr:.3g}); lower train.lr or set train.grad_clip"
         )
+
+
+# ------------------------------------------------------------------ transient failures
+
+#: OS errors that say nothing about the trial: the machine or a store failed under it.
+TRANSIENT_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EIO: "input/output error",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.ESTALE: "stale file handle",
+    errno.ETIMEDOUT: "connection timed out",
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset",
+    errno.ECONNABORTED: "connection aborted",
+    errno.EPIPE: "broken pipe",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+}
+#: The same failures as store drivers word them (SQLite, PostgreSQL, MLflow's wrappers).
+TRANSIENT_TEXTS = (
+    "no space left on device",
+    "disk quota exceeded",
+    "database or disk is full",
+    "disk i/o error",
+    "input/output error",
+    "read-only file system",
+    "readonly database",
+    "unable to open database file",
+    "database is locked",
+    "server closed the connection",
+    "could not connect to server",
+    "connection refused",
+    "connection reset",
+    "terminating connection",
+    "broken pipe",
+)
+
+
+def transient_cause(exc: BaseException) -> str | None:
+    """One line saying why, when ``exc`` (or anything in its chain) is a failure of the
+    machine or a store — full disk, I/O error, read-only store, lost database connection —
+    rather than of the trial; else None. A trial stopped by one is retried by the next run;
+    a trial's own failure (divergence, out of memory, a bug) is not."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+            where = f" ({e.filename})" if e.filename else ""
+            return f"{TRANSIENT_ERRNOS[e.errno]}{where}"
+        lines = str(e).strip().splitlines()
+        for line in lines:
+            hit = next((s for s in TRANSIENT_TEXTS if s in line.lower()), None)
+            if hit is not None:  # quote the driver's own line, not a wrapper's preamble
+                return f"{hit} ({type(e).__name__}: {line.strip()[:200]})"
+        todo += [e.__cause__, e.__context__]
+    return None

@@ -173,8 +173,11 @@ def _write_artifacts(
     """The trial's files: config, census, history, diagnostics, curves, predictions,
     figures and (optionally) the checkpoint."""
     from agelab import plots
+    from agelab.secrets import mask_tree
 
-    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    # Artifacts leave memory: the config's store URIs carry passwords (masked, as in params).
+    config = mask_tree(cfg.model_dump(mode="json"))
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (out / "census.json").write_text(json.dumps(census, indent=2, default=str))
     (out / "history.json").write_text(json.dumps(history, indent=2))
     (out / "diagnostics.json").write_text(
@@ -205,10 +208,14 @@ def _write_artifacts(
     if cfg.tracking.log_checkpoint:
         from agelab.train import save_checkpoint
 
-        save_checkpoint(out / "model.pt", model, cfg.model_dump(mode="json"), census)
+        save_checkpoint(out / "model.pt", model, config, census)
 
 
 def _predictions_table(data: FaceDataset, pred: np.ndarray) -> pd.DataFrame:
+    """One row per image; text cells (subjects, paths come from the user's data) cannot run
+    as spreadsheet formulas (:mod:`agelab.csvsafe`)."""
+    from agelab.csvsafe import safe_frame
+
     y, p = data.ages.astype(np.float64), pred.astype(np.float64)
     table = pd.DataFrame(
         {"split": data.split, "true_age": y, "prediction": p, "residual": p - y,
@@ -218,7 +225,7 @@ def _predictions_table(data: FaceDataset, pred: np.ndarray) -> pd.DataFrame:
         table["path"] = data.paths
     if data.true_ages is not None:
         table["noise_free_age"] = data.true_ages
-    return table
+    return safe_frame(table)
 
 
 def _strict_json(obj) -> str:

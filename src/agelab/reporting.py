@@ -17,13 +17,16 @@ import numpy as np
 import pandas as pd
 
 from agelab.config import ReportConfig, StudyConfig, TrackingConfig
+from agelab.config.schema import contained_name
 from agelab.errors import ReportError
 from agelab.report import Analysis, Design, analyse, design_from_parent, render, runs_table
-from agelab.tracking import TAG_KIND, TAG_STUDY, Tracker, runs_frame
+from agelab.report.design import within_design
+from agelab.tracking import TAG_KIND, TAG_STATE, TAG_STUDY, Tracker, runs_frame
 
 
 @dataclass
 class ReportResult:
+    study: str  # the study (version) reported
     analysis: Analysis
     folder: Path
     markdown: Path
@@ -32,6 +35,8 @@ class ReportResult:
 
 
 def report_for_config(cfg: StudyConfig, **kwargs: Any) -> ReportResult:
+    """The report of study ``cfg.name`` (an exact study version: ``agelab report`` resolves a
+    study file to its version with :func:`agelab.study.version_for_report`)."""
     return build_report(
         cfg.name, cfg.tracking, cfg.report, experiment=cfg.tracking.experiment, **kwargs
     )
@@ -63,8 +68,11 @@ def build_report(
     parent = parents.loc[parents["start_time"].fillna(0).idxmax()]  # the latest invocation
     parent_params = _prefixed(parent, "params.")
     design = design_from_parent(parent_params)
-    analysis = _analyse(trials, design, parent_params, report)
-    folder = Path(out_dir) if out_dir else tracking.root / "reports" / study
+    trials, excluded = _trials_of_this_config(trials, _prefixed(parent, "tags."))
+    analysis = _analyse(trials, design, parent_params, report, excluded)
+    # --out is the user's own path; the default folder is named after the study: kept inside.
+    default = tracking.root / "reports" / contained_name(study, "a report folder", "study name")
+    folder = Path(out_dir) if out_dir else default
     cs_curves = _cs_curves(tracker, analysis) if report.figures else {}
     md, html = render.write(
         analysis,
@@ -75,7 +83,7 @@ def build_report(
     )
     if log:
         tracker.log_artifacts(parent["run_id"], folder, "report")
-    return ReportResult(analysis, folder, md, html, parent["run_id"])
+    return ReportResult(study, analysis, folder, md, html, parent["run_id"])
 
 
 def _prefixed(row: pd.Series, prefix: str) -> dict[str, str]:
@@ -85,10 +93,47 @@ def _prefixed(row: pd.Series, prefix: str) -> dict[str, str]:
     }
 
 
+#: Trial runs a consistency check set aside (see agelab.study.check): never in a report.
+SET_ASIDE = ("ORPHAN", "INVALID", "DUPLICATE")
+
+
+def _trials_of_this_config(
+    trials: pd.DataFrame, parent_tags: dict[str, str]
+) -> tuple[pd.DataFrame, list[str]]:
+    """The trial runs of the parent's config (identity hash), and why the others are out."""
+    if trials.empty:
+        return trials, []
+    excluded = []
+    state = trials.get(f"tags.{TAG_STATE}", pd.Series("", index=trials.index)).fillna("")
+    aside = state.isin(SET_ASIDE)
+    if aside.any():
+        excluded.append(
+            f"{int(aside.sum())} run(s) set aside by `agelab check` (orphaned, invalid or "
+            "duplicate runs)"
+        )
+    want = parent_tags.get("agelab.config_hash")
+    have = trials.get("tags.agelab.config_hash", pd.Series(None, index=trials.index))
+    # Runs of an agelab that predates study identities carry no hash: kept with their study.
+    other = have.notna() & (have != want) if want else pd.Series(False, index=trials.index)
+    if other.any():
+        hashes = ", ".join(sorted(set(have[other].astype(str))))
+        excluded.append(
+            f"{int(other.sum())} run(s) of another config (hash {hashes}; this one is {want})"
+        )
+    return trials[~aside & ~other], excluded
+
+
 def _analyse(
-    trials: pd.DataFrame, design: Design, parent_params: dict[str, str], report: ReportConfig
+    trials: pd.DataFrame,
+    design: Design,
+    parent_params: dict[str, str],
+    report: ReportConfig,
+    excluded: list[str],
 ) -> Analysis:
     table = runs_table(trials, design)
+    table, outside = within_design(table, design)
+    if outside:
+        excluded = [*excluded, f"{outside} trial(s) outside the current search space or seeds"]
     if table.empty:
         table = pd.DataFrame(columns=[*design.keys, "seed", "mae", "state"])
     importances = None
@@ -102,7 +147,12 @@ def _analyse(
             done["mae"].astype(float).tolist(),
         )
     return analyse(
-        table, design, alpha=report.alpha, confidence=report.confidence, importances=importances
+        table,
+        design,
+        alpha=report.alpha,
+        confidence=report.confidence,
+        importances=importances,
+        excluded=excluded,
     )
 
 

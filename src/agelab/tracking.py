@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import random
 import re
@@ -26,9 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from agelab.config import TrackingConfig
+from agelab.config.schema import contained_name
 from agelab.errors import StoreError
 from agelab.faults import kill_point
-from agelab.secrets import mask_uri, scrub
+from agelab.secrets import mask_uri, register_uri, scrub
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,12 +59,23 @@ def default_uri(cfg: TrackingConfig) -> str:
 
 
 def default_artifact_location(cfg: TrackingConfig, experiment: str) -> str | None:
+    # The name becomes a folder: "../x" or "/x" would put the artifacts outside the store.
+    contained_name(experiment, "an MLflow experiment's folder name", "tracking.experiment")
     if cfg.artifact_location:
         return cfg.artifact_location.rstrip("/") + "/" + experiment
     uri = default_uri(cfg)
     if uri.startswith("http://") or uri.startswith("https://"):
         return None  # the server decides (its --artifacts-destination)
     return (cfg.root / "artifacts" / experiment).resolve().as_uri()
+
+
+def check_writable(cfg: TrackingConfig) -> None:
+    """A local store (SQLite, files: the default) must take a write before any work starts;
+    the Optuna journal lives in the same folder. Remote stores are checked when opened."""
+    uri = default_uri(cfg)
+    if uri.startswith("sqlite:///") or "://" not in uri:
+        probe_writable(cfg.root)
+        (cfg.root / "artifacts").mkdir(parents=True, exist_ok=True)
 
 
 def probe_writable(folder: Path) -> None:
@@ -116,19 +129,15 @@ def check_database(uri: str, what: str, timeout: float = 5.0) -> None:
     import sqlalchemy
     from sqlalchemy.engine import make_url
 
+    register_uri(uri)  # whatever the drivers say below, its password is masked
     try:
         url = make_url(uri)
     except Exception as exc:
-        raise StoreError(f"{what} {mask_uri(uri)} is not a valid database URI ({exc})") from None
-    secret = url.password
+        raise StoreError(mask_uri(f"{what} {uri} is not a valid database URI ({exc})")) from None
     if url.host and "@" in url.host:  # "u:p@ss@host": SQLAlchemy splits at the first "@"
         raise StoreError(
-            f"{what} {mask_uri(uri)}: the password holds an '@'; write it as %40 in the URI"
+            mask_uri(f"{what} {uri}: the password holds an '@'; write it as %40 in the URI")
         )
-
-    def clean(text: str) -> str:
-        text = mask_uri(text)
-        return text.replace(str(secret), "***") if secret else text
 
     hint = (
         "start the database (README: many machines), fix the URI, or unset it to use the "
@@ -143,7 +152,7 @@ def check_database(uri: str, what: str, timeout: float = 5.0) -> None:
             if isinstance(exc, TimeoutError | socket.timeout):
                 reason = f"no answer within {timeout:g} s"
             raise StoreError(
-                f"{what} {mask_uri(uri)} is unreachable ({url.host}:{port}: {reason}); {hint}"
+                mask_uri(f"{what} {uri} is unreachable ({url.host}:{port}: {reason}); {hint}")
             ) from None
     # psycopg and the MySQL drivers take connect_timeout; other drivers keep their default.
     known = url.get_backend_name() in ("postgresql", "postgres", "mysql", "mariadb")
@@ -159,7 +168,22 @@ def check_database(uri: str, what: str, timeout: float = 5.0) -> None:
             engine.dispose()
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise StoreError(f"{what} {mask_uri(uri)} cannot be used: {clean(first)}; {hint}") from None
+        raise StoreError(mask_uri(f"{what} {uri} cannot be used: {first}; {hint}")) from None
+
+
+def _corrupt_store(uri: str, exc: Exception) -> StoreError | None:
+    """A SQLite store that is not (or no longer) a database: say which file and what to do."""
+    text = str(exc).lower()
+    if not uri.startswith("sqlite:///") or not (
+        "file is not a database" in text or "malformed" in text
+    ):
+        return None
+    db = uri[len("sqlite:///") :]
+    return StoreError(
+        f"the MLflow store {db} is corrupt ({str(exc).strip().splitlines()[0][:120]}). Restore "
+        f"a backup of it, or move it aside (mv {db} {db}.corrupt) and run again: the Optuna "
+        "study still knows what ran, and `agelab run` re-runs the cells whose runs are gone"
+    )
 
 
 def _check_server(uri: str, timeout: float = 5.0) -> None:
@@ -167,9 +191,12 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
             resp.read(64)
     except Exception as exc:
+        register_uri(uri)
         raise StoreError(
-            f"MLflow tracking server {mask_uri(uri)} is unreachable ({exc}); start it "
-            "(see README: many machines) or unset MLFLOW_TRACKING_URI to use the local store."
+            mask_uri(
+                f"MLflow tracking server {uri} is unreachable ({exc}); start it (see README: "
+                "many machines) or unset MLFLOW_TRACKING_URI to use the local store."
+            )
         ) from None
 
 
@@ -211,6 +238,10 @@ class Tracker:
         import mlflow  # noqa: F401  (heavy; imported here on purpose)
         from mlflow.tracking import MlflowClient
 
+        # MLflow's SQL store logs every database error it re-raises with a full traceback;
+        # agelab says what happened in one line (or keeps the traceback of a real bug).
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
         self.cfg = cfg
         self.uri = default_uri(cfg)
         self.experiment_name = experiment
@@ -225,17 +256,24 @@ class Tracker:
             db = Path(self.uri[len("sqlite:///") :])
             if not create and not db.is_file():
                 raise StoreError(
-                    f"no tracking store at {db}: run a study first, or set tracking.root / "
-                    "MLFLOW_TRACKING_URI to the store that has it"
+                    mask_uri(
+                        f"no tracking store at {db}: run a study first, or set tracking.root / "
+                        "MLFLOW_TRACKING_URI to the store that has it"
+                    )
                 )
-        if create and (self.uri.startswith("sqlite:///") or "://" not in self.uri):
-            probe_writable(cfg.root)
-            (cfg.root / "artifacts").mkdir(parents=True, exist_ok=True)
+        if create:
+            check_writable(cfg)
         # Two studies starting at once on a new SQLite store would both create its tables
         # (MLflow's migrations are not concurrency-safe): one at a time, per store.
         with _sqlite_create_lock(self.uri):
-            self.client = MlflowClient(tracking_uri=self.uri)
-            self.experiment_id = self._ensure_experiment(create)
+            try:
+                self.client = MlflowClient(tracking_uri=self.uri)
+                self.experiment_id = self._ensure_experiment(create)
+            except Exception as exc:
+                corrupt = _corrupt_store(self.uri, exc)
+                if corrupt is None:
+                    raise
+                raise corrupt from None
 
     @property
     def display_uri(self) -> str:
@@ -369,6 +407,13 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = FINISHED) -> None:
         self._call(self.client.set_terminated, run_id, status)
+
+    def artifact_names(self, run_id: str) -> set[str]:
+        """Top-level artifact names of a run (empty when its folder is gone)."""
+        try:
+            return {a.path for a in self._call(self.client.list_artifacts, run_id)}
+        except Exception:  # a missing artifact root is what we are asking about
+            return set()
 
     def search(self, filter_string: str = "", max_results: int = 50_000) -> list:
         return list(

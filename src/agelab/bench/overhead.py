@@ -56,7 +56,7 @@ def run_records(client: Any, run_id: str) -> dict[str, int]:
 
 def agelab_trial_overhead(cfg) -> dict[str, Any]:
     """One trial of ``cfg`` through a Worker; MLflow seconds / trial wall time."""
-    from agelab.study import A_RUN, Worker, open_storage, open_study, plan, storage_url
+    from agelab.study import A_PARAMS, A_RUN, Worker, open_storage, open_study, plan, storage_url
     from agelab.tracking import TAG_KIND, Tracker
 
     tracker = Tracker(cfg.tracking, cfg.name)
@@ -82,7 +82,7 @@ def agelab_trial_overhead(cfg) -> dict[str, Any]:
         "mlflow_calls": calls,
         "share": seconds / wall,
         "records": run_records(tracker.client, trial.user_attrs[A_RUN]),
-        "params": {k: v for k, v in trial.params.items()},
+        "params": dict(trial.user_attrs.get(A_PARAMS, trial.params)),  # a planned trial's cell
     }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ class Analysis:
     missing: list[str]
     verdict: list[str]
     importances: dict[str, float] | None = None
+    excluded: list[str] = field(default_factory=list)  # runs left out, and why
     alpha: float = 0.05
     confidence: float = 0.95
 
@@ -68,6 +69,7 @@ def analyse(
     alpha: float = 0.05,
     confidence: float = 0.95,
     importances: dict[str, float] | None = None,
+    excluded: list[str] | None = None,
 ) -> Analysis:
     """Everything the report says, from a runs table (one row per trial) and the design."""
     df = normalise_runs(runs, design)
@@ -104,6 +106,7 @@ def analyse(
         importances=importances,
         alpha=alpha,
         confidence=confidence,
+        excluded=list(excluded or []),
     )
     out.verdict = verdict(out)
     return out

@@ -233,3 +233,16 @@ def _canon(value: Any, levels: list[Any]) -> Any:
         if numbers and float(lv) == float(value):
             return lv
     return value
+
+
+def within_design(table: pd.DataFrame, design: Design) -> tuple[pd.DataFrame, int]:
+    """(the rows inside the current design, how many were left out): a grid that dropped a
+    level or a seed keeps those trials in the store, but they are not part of its report."""
+    if table.empty or design.sampler != "grid":
+        return table, 0
+    keep = np.ones(len(table), dtype=bool)
+    for f in design.factors:  # rows hold the levels as _typed matched them
+        keep &= table[f].astype(str).isin({str(v) for v in design.levels.get(f, [])}).to_numpy()
+    seeds = {str(s) for s in design.seeds}
+    keep &= table["seed"].astype(str).isin(seeds).to_numpy()
+    return table[keep].reset_index(drop=True), int((~keep).sum())

@@ -77,6 +77,8 @@ def _scope(a: Analysis) -> str:
     ]
     if lost:
         scope = scope[:-1] + f"; {', '.join(lost)}."
+    if a.excluded:
+        scope += f" Left out: {'; '.join(a.excluded)}."
     return scope
 
 

@@ -20,12 +20,14 @@ process's trials), :mod:`.run` (an invocation: plan, workers, summary), :mod:`.e
 """
 
 from agelab.study.estimate import estimate_trial_seconds, format_duration, size_warning
+from agelab.study.identity import version_for_report, versions
 from agelab.study.importance import param_importances
 from agelab.study.plan import (
     A_BEAT,
     A_CELL,
     A_HOST,
     A_KEY,
+    A_PARAMS,
     A_PID,
     A_REASON,
     A_RUN,
@@ -37,7 +39,7 @@ from agelab.study.plan import (
     planned_trials,
     recover,
 )
-from agelab.study.run import StudySummary, config_hash, run_study
+from agelab.study.run import StudySummary, resolve_version, run_study, versioned
 from agelab.study.store import counts, open_storage, open_study, plan_lock, storage_url
 from agelab.study.worker import TrialOutcome, Worker
 
@@ -46,6 +48,7 @@ __all__ = [
     "A_CELL",
     "A_HOST",
     "A_KEY",
+    "A_PARAMS",
     "A_PID",
     "A_REASON",
     "A_RUN",
@@ -54,7 +57,6 @@ __all__ = [
     "TrialOutcome",
     "Worker",
     "cell_id",
-    "config_hash",
     "counts",
     "distributions",
     "estimate_trial_seconds",
@@ -67,7 +69,11 @@ __all__ = [
     "plan_lock",
     "planned_trials",
     "recover",
+    "resolve_version",
     "run_study",
     "size_warning",
     "storage_url",
+    "version_for_report",
+    "versioned",
+    "versions",
 ]

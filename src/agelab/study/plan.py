@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from agelab.config import Range, StudyConfig
 from agelab.processes import pid_alive
 from agelab.study import optuna_compat
+from agelab.study.identity import S_HASH
 from agelab.tracking import (
     FINISHED,
     KILLED,
@@ -42,10 +43,36 @@ STALE_AFTER_S = float(os.environ.get("AGELAB_STALE_AFTER", "900"))
 # Trial user attributes.
 A_KEY, A_CELL, A_HOST, A_PID, A_BEAT = "plan_key", "cell", "host", "pid", "heartbeat"
 A_RUN, A_REASON = "mlflow_run_id", "fail_reason"
+#: The planned params of a grid/random trial (Optuna params would pin each param's choices
+#: for the whole study, so a study could not grow), and the identity hash it runs under.
+A_PARAMS, A_CONFIG = "params", "config_hash"
+#: Study attribute: {trial number: reason} of COMPLETE trials whose result was lost or cannot
+#: be trusted (see :mod:`.check`). Their cells are planned again; the trials are kept (Optuna
+#: freezes a finished trial's attributes, hence a study attribute).
+S_INVALID = "invalid_trials"
+
+
+def invalid_trials(study: optuna.Study) -> dict[int, str]:
+    return {int(k): v for k, v in (study.user_attrs.get(S_INVALID) or {}).items()}
+
+
+def valid_complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """COMPLETE trials whose results stand (not invalidated by a consistency check)."""
+    invalid = invalid_trials(study)
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.number not in invalid
+    ]
+
+
 #: Fail reasons that start with this are the trial's own (it ran and failed): not re-planned.
 ERROR_PREFIX = "error:"
 #: ... and with this, its worker died: the cell goes back in the queue.
 DIED_PREFIX = "worker died"
+#: ... and with this, the machine or a store failed under it (full disk, lost database):
+#: the cell goes back in the queue too.
+STOPPED_PREFIX = "stopped:"
 
 
 # ----------------------------------------------------------------------- the space
@@ -77,9 +104,15 @@ def distributions(cfg: StudyConfig) -> dict[str, optuna.distributions.BaseDistri
     return out
 
 
+def trial_params(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
+    """A planned trial's params (from its user attributes); else the sampler's choice."""
+    planned = trial.user_attrs.get(A_PARAMS)
+    return dict(planned) if planned is not None else suggest(trial, cfg)
+
+
 def suggest(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
-    """The trial's params through the public suggest API (an enqueued trial gets its fixed
-    params back; a TPE trial gets the sampler's choice)."""
+    """The trial's params through the public suggest API (a TPE trial gets the sampler's
+    choice; an enqueued trial of an older agelab gets its fixed params back)."""
     params: dict[str, Any] = {}
     for key, d in distributions(cfg).items():
         if isinstance(d, optuna.distributions.CategoricalDistribution):
@@ -140,30 +173,41 @@ def _random_points(cfg: StudyConfig) -> list[dict[str, Any]]:
 
 
 def _taken(study: optuna.Study) -> set[str]:
-    """Plan keys that need no new trial: done, queued, running, or failed on their own."""
+    """Plan keys that need no new trial: done (and valid), queued, running, or failed on
+    their own (a deterministic error would fail again)."""
     busy = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
+    invalid = invalid_trials(study)
     return {
         t.user_attrs.get(A_KEY)
         for t in study.get_trials(deepcopy=False)
-        if t.state in busy
+        if (t.state in busy and t.number not in invalid)
         or (t.state == TrialState.FAIL and t.user_attrs.get(A_REASON, "").startswith(ERROR_PREFIX))
     }
 
 
-def enqueue(study: optuna.Study, params: dict[str, Any]) -> None:
-    key = plan_key(params)
-    study.enqueue_trial(params, user_attrs={A_KEY: key, A_CELL: cell_id(params)})
+def enqueue(study: optuna.Study, params: dict[str, Any], config_hash: str) -> None:
+    """Queue a planned trial; its params travel as user attributes (see ``A_PARAMS``)."""
+    study.enqueue_trial(
+        {},
+        user_attrs={
+            A_KEY: plan_key(params),
+            A_CELL: cell_id(params),
+            A_PARAMS: params,
+            A_CONFIG: config_hash,
+        },
+    )
 
 
 def plan(study: optuna.Study, cfg: StudyConfig) -> int:
     """Enqueue the planned trials that are not done, queued or running. Returns count."""
     taken = _taken(study)
+    config_hash = str(study.user_attrs.get(S_HASH, ""))
     added = 0
     for params in planned_trials(cfg):
         key = plan_key(params)
         if key in taken:
             continue
-        enqueue(study, params)
+        enqueue(study, params, config_hash)
         taken.add(key)
         added += 1
     return added
@@ -223,3 +267,14 @@ def _close_orphan_runs(study: optuna.Study, tracker: Tracker) -> None:
         if done:  # killed between Optuna's tell and closing the run
             tracker.set_tags(run.info.run_id, {TAG_STATE: "COMPLETE"})
         tracker.end_run(run.info.run_id, FINISHED if done else KILLED)
+
+
+def completed(study: optuna.Study, cfg: StudyConfig) -> tuple[int, int]:
+    """(valid COMPLETE trials of the current plan, those outside it). A grid that dropped a
+    level or a seed keeps its old results; they are counted apart, never as progress."""
+    done = valid_complete(study)
+    keys = {plan_key(p) for p in planned_trials(cfg)}
+    if not keys:  # tpe: nothing is planned ahead
+        return len(done), 0
+    inside = sum(1 for t in done if t.user_attrs.get(A_KEY) in keys)
+    return inside, len(done) - inside

@@ -8,7 +8,6 @@ the ablation report afterwards is the caller's job (``agelab run`` does it).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -25,17 +24,32 @@ import optuna
 from optuna.trial import TrialState
 
 from agelab.config import Range, StudyConfig, flatten
+from agelab.errors import transient_cause
 from agelab.secrets import mask_uri
+from agelab.study.check import check
+from agelab.study.check import summary as check_summary
 from agelab.study.estimate import estimate_trial_seconds, size_warning
-from agelab.study.plan import plan, recover
+from agelab.study.identity import (
+    Binding,
+    bind,
+    choose_version,
+    identity,
+    identity_hash,
+    stored_identity,
+    version_name,
+    versions,
+)
+from agelab.study.plan import A_PARAMS, completed, is_stale, plan, recover, valid_complete
 from agelab.study.store import counts, open_storage, open_study, plan_lock, storage_url
 from agelab.study.worker import Worker
 from agelab.tracking import (
+    FAILED,
     FINISHED,
     KILLED,
     TAG_KIND,
     TAG_STUDY,
     Tracker,
+    check_writable,
     git_commit,
 )
 
@@ -48,10 +62,8 @@ class StudySummary:
     planned: int
     ok: bool
     best: dict[str, Any] | None = None
-
-
-def config_hash(cfg: StudyConfig) -> str:
-    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
+    config: StudyConfig | None = None  # as run: under the version's name
+    complete: int = 0  # valid COMPLETE trials of the current plan
 
 
 def run_study(
@@ -61,18 +73,28 @@ def run_study(
     n_trials: int | None = None,
     join: bool = False,
     quiet: bool = False,
+    new_version: bool = False,
 ) -> StudySummary:
-    """Plan (or join) a study, run its trials in ``workers`` processes, summarise."""
+    """Plan (or join) a study, run its trials in ``workers`` processes, summarise.
+
+    The config is first bound to a version of the study (:mod:`.identity`): the one whose
+    results it would reproduce, a new one with ``new_version``, or a refusal listing what
+    changed. Everything after that runs under the version's name."""
     t0 = time.time()
-    tracker = Tracker(cfg.tracking, cfg.tracking.experiment or cfg.name)
+    check_writable(cfg.tracking)  # a full or read-only store stops us before any work
+    fingerprint = _dataset_fingerprint(cfg, quiet)
     url = storage_url(cfg)
-    study = open_study(cfg, open_storage(url))
+    storage = open_storage(url)
+    binding = resolve_version(cfg, storage, fingerprint, new_version=new_version, join=join)
+    cfg = versioned(cfg, binding.version)
+    tracker = Tracker(cfg.tracking, cfg.tracking.experiment or cfg.name)
+    study = open_study(cfg, storage)
     total = cfg.search.n_total()
     if total > cfg.search.warn_cells:
         print(size_warning(cfg, *seconds_per_trial(cfg, study)))
     if not join:
         _plan(cfg, study, tracker, url, total)
-    parent = _start_parent_run(cfg, tracker, url, workers, quiet)
+    parent = _start_parent_run(cfg, tracker, url, workers, binding, fingerprint)
     status = FINISHED
     try:
         if workers <= 1:
@@ -81,18 +103,21 @@ def run_study(
             _run_processes(cfg, parent, workers, n_trials)
     except KeyboardInterrupt:
         status = KILLED
-        print("\nstopped: the study is resumable — run the same command again to continue")
+        raise KeyboardInterrupt(
+            "the study is resumable — run the same command again to continue"
+        ) from None
+    except BaseException:
+        status = FAILED
         raise
     finally:
-        final = counts(study)
-        tracker.log_metrics(
-            parent,
-            {f"trials_{k.lower()}": v for k, v in final.items()}
-            | {"study_seconds": time.time() - t0},
-        )
-        tracker.end_run(parent, status)
-    summary = StudySummary(cfg.name, parent, final, total, ok=final["RUNNING"] == 0)
+        final = _close_parent(study, tracker, parent, status, time.time() - t0)
+    # Trials still RUNNING under a live worker belong to another invocation: not a failure.
+    lost = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if is_stale(t)
+    ]
+    summary = StudySummary(cfg.name, parent, final, total, ok=not lost, config=cfg)
     summary.best = _best(study)
+    summary.complete = completed(study, cfg)[0]
     _print_summary(cfg, summary, tracker, time.time() - t0)
     return summary
 
@@ -101,32 +126,106 @@ def _plan(cfg: StudyConfig, study: optuna.Study, tracker: Tracker, url: str, tot
     """Recover trials of dead workers and enqueue what is missing (one process at a time)."""
     with plan_lock(cfg):
         recovered = recover(study, tracker)
+        findings = check(study, tracker)
         added = plan(study, cfg)
     if recovered:
         print(f"recovered {recovered} trial(s) left running by a dead worker; re-queued")
-    before = counts(study)
+    if findings:
+        print("\n".join(check_summary(findings, repaired=True)))
+    done, outside = completed(study, cfg)
     print(
-        f"study {cfg.name!r}: {total} planned trial(s), {before['COMPLETE']} complete, "
-        f"{added} newly queued, {before['WAITING']} waiting "
-        f"(optuna {mask_uri(url)}, mlflow {mask_uri(tracker.uri)})"
+        f"study {cfg.name!r}: {total} planned trial(s), {done} complete, "
+        f"{added} newly queued, {counts(study)['WAITING']} waiting"
+        + (f"; {outside} complete trial(s) outside this plan kept" if outside else "")
+        + f" (optuna {mask_uri(url)}, mlflow {mask_uri(tracker.uri)})"
     )
 
 
-def _start_parent_run(
-    cfg: StudyConfig, tracker: Tracker, url: str, workers: int, quiet: bool
-) -> str:
-    """The study's parent run. The data is built (or loaded) here, once, before any worker
-    starts, so workers hit the cache; its fingerprint is tagged."""
+def _close_parent(
+    study: optuna.Study, tracker: Tracker, parent: str, status: str, seconds: float
+) -> dict[str, int]:
+    """Trial counts on the parent run, and the run closed. When the study is already
+    stopping on an error (a full disk, say), a second failure here is said in one line
+    instead of burying the first under another traceback; the next run repairs the run."""
+    final = counts(study)
+    try:
+        tracker.log_metrics(
+            parent,
+            {f"trials_{k.lower()}": v for k, v in final.items()} | {"study_seconds": seconds},
+        )
+        tracker.end_run(parent, status)
+    except Exception as exc:
+        if status == FINISHED:
+            raise
+        cause = transient_cause(exc) or exc
+        print(f"warning: could not close the study's parent run ({mask_uri(cause)})")
+    return final
+
+
+def _dataset_fingerprint(cfg: StudyConfig, quiet: bool) -> str:
+    """Build (or load) the data once, before any worker starts, so workers hit the cache;
+    its fingerprint is part of the study's identity."""
     from agelab.data.load import load_dataset
 
-    fingerprint = load_dataset(cfg.data, progress=not quiet).fingerprint
+    return load_dataset(cfg.data, progress=not quiet).fingerprint
+
+
+def resolve_version(
+    cfg: StudyConfig,
+    storage: optuna.storages.BaseStorage,
+    fingerprint: str,
+    *,
+    new_version: bool = False,
+    join: bool = False,
+) -> Binding:
+    """The version of study ``cfg.name`` this config runs in (created and bound if new)."""
+    ident = identity(cfg, fingerprint)
+    with plan_lock(cfg):  # two invocations must not both create version k + 1
+        names = versions(storage, cfg.name)
+        found = {k: stored_identity(optuna.load_study(study_name=n, storage=storage))
+                 for k, n in names.items()}  # fmt: skip
+        k, create = choose_version(found, cfg.name, ident, new_version=new_version, join=join)
+        binding = Binding(version_name(cfg.name, k), k, ident, identity_hash(ident), create)
+        study = open_study(versioned(cfg, k), storage)
+        if create or found.get(k) is None:
+            binding.adopted = not create and bool(study.get_trials(deepcopy=False))
+            bind(study, cfg.name, k, ident)
+    if binding.created and k > 1:
+        print(f"study {cfg.name!r}: version {k} ({binding.name!r}) starts with this config; "
+              f"version {k - 1} stays as it was")  # fmt: skip
+    elif binding.adopted:
+        print(f"study {binding.name!r} was made before agelab recorded configs: its trials "
+              "are taken to be of this config from now on")  # fmt: skip
+    return binding
+
+
+def versioned(cfg: StudyConfig, version: int) -> StudyConfig:
+    """The config under version ``version``'s study name (and experiment: ``<experiment>.vK``)."""
+    tracking = cfg.tracking
+    if tracking.experiment:
+        tracking = tracking.model_copy(
+            update={"experiment": version_name(tracking.experiment, version)}
+        )
+    return cfg.model_copy(update={"name": version_name(cfg.name, version), "tracking": tracking})
+
+
+def _start_parent_run(
+    cfg: StudyConfig,
+    tracker: Tracker,
+    url: str,
+    workers: int,
+    binding: Binding,
+    fingerprint: str,
+) -> str:
+    """The study's parent run: what ran, where, from which code and data."""
     parent = tracker.start_run(
         f"{cfg.name} · {time.strftime('%Y-%m-%d %H:%M')}",
         tags={
             TAG_KIND: "study",
             TAG_STUDY: cfg.name,
             "agelab.sampler": cfg.search.sampler,
-            "agelab.config_hash": config_hash(cfg),
+            "agelab.config_hash": binding.hash,
+            "agelab.study_version": binding.version,
             "agelab.git_commit": git_commit(),
             "agelab.dataset_fingerprint": fingerprint,
             "agelab.device": _device_name(cfg),
@@ -182,11 +281,12 @@ def seconds_per_trial(cfg: StudyConfig, study: optuna.Study) -> tuple[float, str
 
 
 def _best(study: optuna.Study) -> dict[str, Any] | None:
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = valid_complete(study)
     if not done:
         return None
     best = min(done, key=lambda t: t.value)
-    return {"number": best.number, "calib_mae": best.value, "params": best.params}
+    params = best.user_attrs.get(A_PARAMS, best.params)
+    return {"number": best.number, "calib_mae": best.value, "params": params}
 
 
 def _run_inline(
@@ -244,9 +344,9 @@ def _run_processes(cfg: StudyConfig, parent: str, workers: int, n_trials: int | 
 def _print_summary(cfg: StudyConfig, s: StudySummary, tracker: Tracker, seconds: float) -> None:
     c = s.counts
     print(
-        f"\nstudy {cfg.name!r} done in {seconds / 60:.1f} min: {c['COMPLETE']} complete, "
-        f"{c['PRUNED']} pruned, {c['FAIL']} failed, {c['WAITING']} waiting "
-        f"(of {s.planned} planned)"
+        f"\nstudy {cfg.name!r} done in {seconds / 60:.1f} min: {s.complete} of {s.planned} "
+        f"planned trial(s) complete; {c['PRUNED']} pruned, {c['FAIL']} failed, "
+        f"{c['WAITING']} waiting, {c['RUNNING']} running"
     )
     if s.best:
         print(

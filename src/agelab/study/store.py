@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,12 +39,54 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         path = Path(url[len("journal:") :])
         path.parent.mkdir(parents=True, exist_ok=True)
         # The open-lock works on any local filesystem (the symlink lock needs NFS semantics).
-        backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
-        return optuna.storages.JournalStorage(backend)
+        lock = JournalFileOpenLock(str(path))
+        check_journal(path, lock)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
     # RDB (PostgreSQL, MySQL, SQLite): pool_pre_ping survives server restarts.
     if is_database_uri(url):
         check_database(url, "Optuna storage")  # fast, clear failure instead of a traceback
     return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+
+def check_journal(path: Path, lock) -> None:
+    """A journal whose last record was cut by a crash (no final newline) is repaired: Optuna
+    would append the next record to the torn one and never read the file again. A backup is
+    written first. A bad record anywhere else is a :class:`StoreError` saying how to recover."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        lock.acquire()  # writers hold it while appending: a torn tail now is really torn
+        try:
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                backup = _backup(path)
+                keep = data.rfind(b"\n") + 1
+                with path.open("r+b") as fh:
+                    fh.truncate(keep)
+                lost, data = len(data) - keep, data[:keep]
+                print(
+                    f"repaired the Optuna journal {path}: dropped a record cut short by a "
+                    f"crash ({lost} bytes; backup: {backup})"
+                )
+        finally:
+            lock.release()
+    for number, line in enumerate(data.splitlines(), start=1):
+        try:
+            json.loads(line)
+        except ValueError:
+            raise StoreError(
+                f"the Optuna journal {path} is corrupt at line {number} (not a JSON record). "
+                f"Restore a backup of it, or move it aside (mv {path} {path}.corrupt) and run "
+                "again: every study in it starts over in Optuna, and `agelab run` / "
+                "`agelab check` set their old MLflow runs aside instead of mixing them in"
+            ) from None
+
+
+def _backup(path: Path) -> Path:
+    backup = path.with_name(f"{path.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.copy2(path, backup)
+    return backup
 
 
 @contextlib.contextmanager

@@ -12,9 +12,11 @@ Ctrl-C, which puts the trial's cell back in the queue and stops).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -26,14 +28,16 @@ import optuna
 from optuna.trial import TrialState
 
 from agelab.config import StudyConfig, flatten
-from agelab.errors import TrialFailed
+from agelab.errors import StoreError, TrialFailed, UserError, transient_cause
 from agelab.faults import kill_point
 from agelab.metrics import LAPLACE_CS_AT_MAE, NORMAL_CS_AT_MAE
 from agelab.secrets import mask_uri
 from agelab.study import optuna_compat
+from agelab.study.identity import S_HASH
 from agelab.study.plan import (
     A_BEAT,
     A_CELL,
+    A_CONFIG,
     A_HOST,
     A_KEY,
     A_PID,
@@ -42,12 +46,13 @@ from agelab.study.plan import (
     DIED_PREFIX,
     ERROR_PREFIX,
     SEED_PARAM,
+    STOPPED_PREFIX,
     cell_id,
     distributions,
     enqueue,
     plan_key,
-    suggest,
     trial_config,
+    trial_params,
 )
 from agelab.study.store import open_storage, open_study, storage_url
 from agelab.tracking import (
@@ -117,6 +122,9 @@ class Worker:
         self.study = open_study(cfg, open_storage(self.storage_url))
         self.tracker = Tracker(cfg.tracking, cfg.tracking.experiment or cfg.name)
         self.parent_run_id = parent_run_id
+        self._run_id: str | None = None  # the MLflow run of the trial in flight
+        # The identity the study is bound to (see agelab.study.identity): on every trial and run.
+        self.config_hash = str(self.study.user_attrs.get(S_HASH, ""))
         self._dataset: tuple[str, Any] | None = None  # one dataset resident at a time
 
     # ------------------------------------------------------------------ the loop
@@ -144,7 +152,7 @@ class Worker:
             for t in self.study.get_trials(deepcopy=False)
             if not (
                 t.state == TrialState.FAIL
-                and t.user_attrs.get(A_REASON, "").startswith(DIED_PREFIX)
+                and t.user_attrs.get(A_REASON, "").startswith((DIED_PREFIX, STOPPED_PREFIX))
             )
         ]
         if len(started) >= int(self.cfg.search.n_trials or 0):
@@ -153,16 +161,34 @@ class Worker:
 
     # ----------------------------------------------------------------- one trial
     def run_trial(self, trial: optuna.Trial) -> TrialOutcome:
-        """Suggest → build → fit → evaluate → track. Failures are recorded, not raised
-        (except Ctrl-C, which re-queues the trial's cell and stops)."""
+        """Suggest → build → fit → evaluate → track. The trial's own failures are recorded,
+        not raised. Two things stop the worker instead, leaving the cell to be run again:
+        Ctrl-C, and a failure of the machine or a store (full disk, I/O error, read-only
+        store, lost database), raised as one :class:`StoreError` line."""
+        try:
+            return self._run_trial(trial)
+        except Exception as exc:
+            cause = transient_cause(exc)
+            if cause is None:
+                raise
+            self._stopped(trial, cause)
+            raise StoreError(
+                f"stopped by the machine or a store, not by the trial: {cause}. Fix that (free "
+                "space, fix permissions, restart the database), then run the same command "
+                f"again: trial {trial.number} will be run again"
+            ) from None
+
+    def _run_trial(self, trial: optuna.Trial) -> TrialOutcome:
         from agelab.objective import evaluate_trial
 
+        self._run_id = None
         t0 = time.time()
         for key, value in ((A_HOST, socket.gethostname()), (A_PID, os.getpid()), (A_BEAT, t0)):
             trial.set_user_attr(key, value)
-        params = suggest(trial, self.cfg)
+        params = trial_params(trial, self.cfg)
         trial.set_user_attr(A_KEY, plan_key(params))
         trial.set_user_attr(A_CELL, cell_id(params))
+        trial.set_user_attr(A_CONFIG, self.config_hash)
         cfg_t = trial_config(self.cfg, params)
         label = run_label(params, self.cfg)
         run = _Running(trial, params, label, self._start_run(trial, params, cfg_t, label), t0)
@@ -178,6 +204,8 @@ class Worker:
             self._interrupted(run)
             raise
         except Exception as exc:  # diverged, out of memory, bad combination: record, go on
+            if transient_cause(exc):
+                raise  # not the trial's fault: run_trial stops the worker
             return self._report(self._failed(run, exc))
         kill_point("study.tell.before")
         self.study.tell(trial, result.value)
@@ -199,11 +227,13 @@ class Worker:
                 "agelab.cell": cell_id(params),
                 "agelab.replicate": params[SEED_PARAM],
                 "agelab.plan_key": plan_key(params),
+                "agelab.config_hash": self.config_hash,
                 "optuna.study_name": self.study.study_name,
                 "optuna.trial_number": trial.number,
                 "optuna.storage": mask_uri(self.storage_url),
             },
         )
+        self._run_id = run_id
         trial.set_user_attr(A_RUN, run_id)
         self.tracker.log_params(run_id, flatten(cfg_t) | {"trial.seed": params[SEED_PARAM]})
         return run_id
@@ -238,8 +268,21 @@ class Worker:
         run.trial.set_user_attr(A_REASON, reason)
         self.study.tell(run.trial, state=TrialState.FAIL)
         if self.cfg.search.sampler in ("grid", "random"):
-            enqueue(self.study, run.params)
+            enqueue(self.study, run.params, self.config_hash)
         self._close(run, "FAIL", KILLED, reason)
+
+    def _stopped(self, trial: optuna.Trial, cause: str) -> None:
+        """Best effort, as the store may be what failed: fail the trial with a reason that
+        gets its cell planned again, and close its run. What cannot be written now is
+        repaired by the next run's recovery (this process will be dead by then)."""
+        reason = f"{STOPPED_PREFIX} {cause}"[:1000]
+        with contextlib.suppress(Exception):
+            trial.set_user_attr(A_REASON, reason)
+            self.study.tell(trial, state=TrialState.FAIL)
+        if self._run_id is not None:
+            with contextlib.suppress(Exception):
+                self.tracker.set_tags(self._run_id, {TAG_STATE: "FAIL", TAG_REASON: reason})
+                self.tracker.end_run(self._run_id, FAILED)
 
     def _failed(self, run: _Running, exc: Exception) -> TrialOutcome:
         reason = f"{ERROR_PREFIX} {type(exc).__name__}: {exc}"[:1000]
@@ -291,9 +334,11 @@ def worker_main(argv: list[str]) -> int:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": threads})})
     # Per-epoch bars of parallel workers would garble each other: each worker prints one
     # line per trial instead (prefixed with its tag).
-    worker = Worker(cfg, parent, quiet=True, tag=f"[{tag}] ")
     try:
-        worker.loop(max_trials)
+        Worker(cfg, parent, quiet=True, tag=f"[{tag}] ").loop(max_trials)
     except KeyboardInterrupt:
         return 130
+    except UserError as exc:  # a stopped store, say: one line, like the agelab command
+        print(f"[{tag}] agelab: {mask_uri(exc)}", file=sys.stderr, flush=True)
+        return 2
     return 0

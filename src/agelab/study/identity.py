@@ -1,0 +1,218 @@
+"""A study's identity: the part of its config that decides what a trial computes.
+
+Every trial is bound to the identity of the config it ran with (a hash, stored on the Optuna
+study and trial and tagged on every MLflow run), so a result is always the result of the
+config it claims:
+
+* **Growing is allowed.** For planned samplers (grid, random), ``search.seeds``,
+  ``search.space`` and ``search.n_trials`` only add (or drop) cells: they are not part of
+  the identity, and a re-run plans just the new cells.
+* **Changing is refused.** Anything else that changes a result (data, model, training,
+  metrics settings, the dataset's content) makes a different study. A re-run stops before
+  training and lists the changed fields; ``--new-version`` starts ``<name>.v2`` (the old
+  version stays intact), or the config gets a new ``name``.
+* **Execution settings are free**: where and how a trial runs or what is displayed
+  (``train.device``, ``threads``, ``progress``, ``compile``, ``channels_last``,
+  ``eval_batch_size``, ``data.path`` and ``cache_dir`` — the dataset fingerprint stands for
+  the data's content —, ``tracking.*``, ``report.*``, ``description``).
+
+Versions are Optuna studies named ``<name>`` (version 1), ``<name>.v2``, ``<name>.v3`` …; each
+has its own MLflow experiment of the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from agelab.config import StudyConfig, flatten
+from agelab.data.split import SPLIT_VERSION
+from agelab.errors import ConfigError, StoreError, StudyConfigChanged
+
+#: Study user attributes.
+S_IDENTITY, S_HASH, S_BASE, S_VERSION = "identity", "identity_hash", "base_name", "version"
+
+#: Fields (dotted, or a prefix ending in ".") that never change what a trial computes.
+EXECUTION_ONLY = (
+    "name",
+    "description",
+    "tracking.",
+    "report.",
+    "data.path",
+    "data.cache_dir",
+    "train.progress",
+    "train.threads",
+    "train.device",
+    "train.compile",
+    "train.channels_last",
+    "train.eval_batch_size",
+    "search.warn_cells",
+)
+#: For grid and random studies these add or drop cells without changing any result.
+CELL_SETTINGS = ("search.seeds", "search.space", "search.n_trials")
+
+
+def identity(cfg: StudyConfig, data_fingerprint: str) -> dict[str, Any]:
+    """The settings that decide a trial's result, flattened, plus the dataset fingerprint.
+
+    A field the search space sets is left out too: its value comes from the space."""
+    planned = cfg.search.sampler in ("grid", "random")
+    skip = EXECUTION_ONLY + (CELL_SETTINGS if planned else ("search.n_trials",))
+    searched = set(cfg.search.space)
+    out = {
+        key: value
+        for key, value in flatten(cfg).items()
+        if not _listed(key, skip) and key not in searched
+    }
+    # (TPE keeps search.space and search.seeds: its history depends on them.)
+    out["data.fingerprint"] = data_fingerprint
+    out["data.split_version"] = SPLIT_VERSION
+    return out
+
+
+def _listed(key: str, names: tuple[str, ...]) -> bool:
+    return any(key == n or (n.endswith(".") and key.startswith(n)) for n in names)
+
+
+def identity_hash(ident: dict[str, Any]) -> str:
+    text = json.dumps(ident, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``train.epochs: 6 → 3`` lines, one per field that differs (added/removed included)."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(not set)"), new.get(key, "(not set)")
+        if a != b:
+            lines.append(f"{key}: {_short(a)} → {_short(b)}")
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --------------------------------------------------------------------------- versions
+
+_VERSION = re.compile(r"^(?P<base>.+)\.v(?P<k>[2-9]|[1-9]\d+)$")
+
+
+def version_name(base: str, k: int) -> str:
+    return base if k == 1 else f"{base}.v{k}"
+
+
+def versions(storage: optuna.storages.BaseStorage, base: str) -> dict[int, str]:
+    """The existing versions of study ``base``: {1: base, 2: base.v2, …}."""
+    out = {}
+    for name in optuna.get_all_study_names(storage):
+        if name == base:
+            out[1] = name
+        elif (m := _VERSION.match(name)) and m["base"] == base:
+            out[int(m["k"])] = name
+    return dict(sorted(out.items()))
+
+
+@dataclass
+class Binding:
+    """Which version of a study a config runs in, and its identity."""
+
+    name: str  # the Optuna study and MLflow experiment name of that version
+    version: int
+    identity: dict[str, Any]
+    hash: str
+    created: bool = False  # a new version (or a new study)
+    adopted: bool = False  # an existing study that had no identity yet
+
+
+def stored_identity(study: optuna.Study) -> dict[str, Any] | None:
+    raw = study.user_attrs.get(S_IDENTITY)
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def bind(study: optuna.Study, base: str, version: int, ident: dict[str, Any]) -> None:
+    study.set_user_attr(S_IDENTITY, json.dumps(ident, sort_keys=True, default=str))
+    study.set_user_attr(S_HASH, identity_hash(ident))
+    study.set_user_attr(S_BASE, base)
+    study.set_user_attr(S_VERSION, version)
+
+
+def choose_version(
+    found: dict[int, dict[str, Any] | None],
+    base: str,
+    ident: dict[str, Any],
+    *,
+    new_version: bool,
+    join: bool,
+) -> tuple[int, bool]:
+    """(version to use, whether to create it) from each existing version's identity.
+
+    The version whose identity equals the config's is continued (the latest such); a study
+    whose latest version has no identity yet (made before agelab recorded one, or empty) is
+    adopted. Otherwise the change is refused with what changed and the ways forward."""
+    h = identity_hash(ident)
+    matching = [k for k, old in found.items() if old is not None and identity_hash(old) == h]
+    latest = max(found, default=0)
+    if new_version:
+        if join:
+            raise ConfigError("(command line)", ["--new-version and --join exclude each other"])
+        return latest + 1, True
+    if matching:
+        return max(matching), False
+    if latest == 0:
+        if join:
+            raise StoreError(
+                f"no study {base!r} to join: start it with `agelab run` on one machine first"
+            )
+        return 1, True
+    if found[latest] is None:
+        return latest, False  # adopt: bind it to this config
+    raise config_changed(base, latest, found[latest], ident)
+
+
+def config_changed(
+    base: str, latest: int, old: dict[str, Any], new: dict[str, Any]
+) -> StudyConfigChanged:
+    name, nxt = version_name(base, latest), version_name(base, latest + 1)
+    return StudyConfigChanged(
+        name,
+        changed_fields(old, new),
+        [
+            f"to keep {name!r} and start version {latest + 1} ({nxt!r}) with this config: "
+            "add --new-version (make: ARGS=--new-version)",
+            "or give this config its own study: name=<new name>",
+            f"or undo the change to continue {name!r} (adding seeds or grid values is fine)",
+        ],
+    )
+
+
+def version_for_report(
+    storage: optuna.storages.BaseStorage, cfg: StudyConfig
+) -> tuple[int, str | None]:
+    """Which version of study ``cfg.name`` a report of this config reads: the latest whose
+    identity matches the config's (the dataset fingerprint aside: reading a report must not
+    decode a dataset), else the latest, with a note saying so."""
+    names = versions(storage, cfg.name)
+    if len(names) <= 1:
+        return 1, None
+    wanted = identity(cfg, "")
+    wanted.pop("data.fingerprint")
+    matching = []
+    for k, name in names.items():
+        old = stored_identity(optuna.load_study(study_name=name, storage=storage)) or {}
+        old.pop("data.fingerprint", None)
+        if old == wanted:
+            matching.append(k)
+    if matching:
+        return max(matching), None
+    latest = max(names)
+    return latest, (
+        f"this config matches no version of study {cfg.name!r}: the report is of the latest, "
+        f"{version_name(cfg.name, latest)!r}"
+    )
