@@ -156,6 +156,37 @@ def test_growing_a_study_runs_only_the_new_cells(tmp_path: Path, capsys) -> None
     assert "Left out: 4 trial(s) outside the current search space or seeds" in report
 
 
+@pytest.mark.slow
+def test_another_experiment_or_a_legacy_study_of_another_config_is_refused(
+    tmp_path: Path, capsys
+) -> None:
+    study = write_study(tmp_path, "x", search=TWO_CELLS)
+    assert run(study) == 0
+    capsys.readouterr()
+    # Its runs are in experiment "x": logging elsewhere would find none and redo every cell.
+    assert run(study, "tracking.experiment=elsewhere") == 2
+    assert "its runs are in MLflow experiment 'x'" in capsys.readouterr().err
+    # A study made before identities were recorded is adopted only by its first config.
+    cfg = load_config(study)
+    open_study(cfg, open_storage(storage_url(cfg))).set_user_attr("identity", None)
+    assert run(study, "train.epochs=2") == 2
+    assert "train.epochs: 1 → 2" in capsys.readouterr().err
+    assert run(study) == 0
+    assert "made before agelab recorded configs" in capsys.readouterr().out
+    assert assert_study_consistent(study)["complete"] == 2
+
+
+@pytest.mark.slow
+def test_output_cut_by_head_stops_nothing(tmp_path: Path) -> None:
+    study = write_study(tmp_path, "pipe", search=TWO_CELLS)
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    cmd = f"{sys.executable} -m agelab.cli run {study} --quiet | head -1"
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert assert_study_consistent(study)["complete"] == 2
+
+
 # ----------------------------------------------------------------- the two stores agree
 
 
@@ -220,6 +251,12 @@ def test_torn_journal_tail_is_repaired_with_a_backup_and_bad_records_refused(
     assert len(backups) == 1 and backups[0].read_bytes().startswith(good)
     assert "dropped a record cut short by a crash" in capsys.readouterr().out
     study.set_user_attr("still", "usable")  # appends cleanly after the repair
+    # A process that already has the journal open repairs a tail torn later by another
+    # process before its own next append (it would glue its record onto the torn one).
+    journal.write_bytes(journal.read_bytes() + b'{"op_code": 9, "cut')
+    study.set_user_attr("live", "writer")
+    assert open_study(cfg, open_storage(storage_url(cfg))).user_attrs["live"] == "writer"
+    assert len(list(journal.parent.glob("journal.log.bak-*"))) >= 1
     lines = journal.read_bytes().splitlines()
     journal.write_bytes(b"\n".join([lines[0], b"{not json", *lines[1:]]) + b"\n")
     assert main(["check", "j", "--root", str(cfg.tracking.root)]) == 2

@@ -1,5 +1,5 @@
 """Planning a study without training: Optuna's queue, the private API pinned, and the
-smoke study's numbers against the ones recorded before the #13 restructuring."""
+smoke study's numbers against recorded ones (tests/data/smoke_baseline.json)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from agelab.study import (
     planned_trials,
     storage_url,
 )
-from agelab.study.plan import trial_params
+from agelab.study.plan import trial_config, trial_params
 from agelab.tracking import default_uri
 from helpers import REPO
 from helpers.studies import tiny_study
@@ -58,6 +58,25 @@ def test_optuna_private_api_agelab_relies_on(tmp_path: Path) -> None:
         optuna_compat.set_user_attr(study, frozen, A_REASON, "too late")
 
 
+def test_optuna_journal_internals_the_repairing_backend_relies_on(tmp_path: Path) -> None:
+    """``RepairingJournalBackend`` re-implements Optuna's ``append_logs`` around a hook: it
+    needs ``_file_path``, ``_lock`` and ``get_lock_file`` as Optuna 5 has them."""
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+    from optuna.storages.journal._file import get_lock_file
+
+    path = tmp_path / "j.log"
+    backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+    assert backend._file_path == str(path) and backend._lock is not None
+    with get_lock_file(backend._lock):
+        pass
+    seen = []
+    ours = optuna_compat.RepairingJournalBackend(
+        str(path), JournalFileOpenLock(str(path)), before_append=seen.append
+    )
+    ours.append_logs([{"op_code": 0, "x": 1}])
+    assert seen == [path] and list(ours.read_logs(0)) == [{"op_code": 0, "x": 1}]
+
+
 def test_plan_is_idempotent_and_requeues_only_what_is_missing(tmp_path: Path) -> None:
     cfg = validate(tiny_study(tmp_path, search={"seeds": [0, 1]}))
     study = open_study(cfg, open_storage(storage_url(cfg)))
@@ -70,10 +89,12 @@ def test_plan_is_idempotent_and_requeues_only_what_is_missing(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_smoke_study_numbers_unchanged_since_recorded(tmp_path: Path) -> None:
-    """``agelab run experiments/smoke.yaml`` gives the test metrics recorded before the
-    restructuring (tests/data/smoke_baseline.json), cell by cell. On this project's machines
-    they are equal to the last digit; the tolerance only absorbs another CPU's float rounding
-    (one prediction crossing a coverage threshold moves a share by 1/n)."""
+    """``agelab run experiments/smoke.yaml`` gives the test metrics recorded in
+    tests/data/smoke_baseline.json, cell by cell: first before the #13 restructuring (which
+    kept every number), re-recorded when #15 changed splits and replicates on purpose. A
+    change of these numbers must be as deliberate. On this project's machines they are equal
+    to the last digit; the tolerance only absorbs another CPU's float rounding (one
+    prediction crossing a coverage threshold moves a share by 1/n)."""
     baseline = json.loads(BASELINE.read_text())
     root = tmp_path / "mlruns"
     assert main(["run", str(REPO / "experiments/smoke.yaml"), f"tracking.root={root}",
@@ -90,3 +111,21 @@ def test_smoke_study_numbers_unchanged_since_recorded(tmp_path: Path) -> None:
         for name, value in expected.items():
             tol = 1.0 / n + 1e-9 if name.startswith("coverage") or "coverage" in name else 0.0
             assert got[cell][name] == pytest.approx(value, rel=1e-4, abs=tol), (cell, name)
+
+
+@pytest.mark.parametrize(
+    ("varies", "split_seeds"), [(["init", "split"], {7, 8}), (["init"], {7}), (["split"], {7, 8})]
+)
+def test_a_replicate_varies_what_the_study_says_and_pairs_stay_paired(
+    tmp_path: Path, varies: list[str], split_seeds: set[int]
+) -> None:
+    cfg = validate(tiny_study(tmp_path, search={"seeds": [0, 1], "replicate_varies": varies}))
+    cfg = cfg.with_params({"data.split.seed": 7, "train.seed": 3})
+    configs = [trial_config(cfg, p) for p in planned_trials(cfg)]
+    assert {c.data.split.seed for c in configs} == split_seeds
+    init = {c.train.seed for c in configs}
+    assert init == ({0, 1} if "init" in varies else {3})
+    by_seed: dict[int, set] = {}
+    for params, c in zip(planned_trials(cfg), configs, strict=True):
+        by_seed.setdefault(params[SEED_PARAM], set()).add((c.train.seed, c.data.split.seed))
+    assert all(len(pairs) == 1 for pairs in by_seed.values())  # every cell of a replicate alike

@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"\nagelab: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `agelab … | head`: the reader left; the work is in the stores
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes stdout at exit)
+        return 0
     except Exception as exc:  # a full disk or a lost database is not a bug either
         cause = transient_cause(exc)
         if cause is None:

@@ -125,16 +125,41 @@ TRANSIENT_TEXTS = (
     "could not connect to server",
     "connection refused",
     "connection reset",
+    "connection timed out",
     "terminating connection",
+    "the database system is shutting down",
+    "the database system is starting up",
+    "could not translate host name",
+    "ssl syscall error",
+    "could not receive data from server",
+    "remaining connection slots",
+    "timeout expired",
+    "temporarily unavailable",
     "broken pipe",
 )
+#: Exception types that only ever mean "the store or the network failed" (by name, so this
+#: module needs neither sqlalchemy nor requests).
+TRANSIENT_TYPES = {
+    "sqlalchemy.exc.OperationalError",
+    "sqlalchemy.exc.InterfaceError",
+    "sqlalchemy.exc.DisconnectionError",
+    "sqlalchemy.exc.TimeoutError",
+    "requests.exceptions.ConnectionError",
+    "requests.exceptions.Timeout",
+    "urllib3.exceptions.ProtocolError",
+}
+#: Where a message is the store's own words: text matching is for these libraries only, so a
+#: trial's own error that happens to say "broken pipe" is not mistaken for a store failure.
+STORE_LIBRARIES = ("sqlite3", "sqlalchemy", "psycopg2", "psycopg", "pymysql", "mlflow",
+                   "requests", "urllib3", "http", "optuna")  # fmt: skip
 
 
 def transient_cause(exc: BaseException) -> str | None:
-    """One line saying why, when ``exc`` (or anything in its chain) is a failure of the
-    machine or a store — full disk, I/O error, read-only store, lost database connection —
-    rather than of the trial; else None. A trial stopped by one is retried by the next run;
-    a trial's own failure (divergence, out of memory, a bug) is not."""
+    """One line saying why, when ``exc`` (or what it was raised from) is a failure of the
+    machine or a store — full disk, I/O error, read-only store, lost database connection, a
+    server temporarily unavailable — rather than of the trial; else None. A trial stopped by
+    one is retried by the next run; a trial's own failure (divergence, out of memory, a bug)
+    is not."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -142,13 +167,36 @@ def transient_cause(exc: BaseException) -> str | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
-            where = f" ({e.filename})" if e.filename else ""
-            return f"{TRANSIENT_ERRNOS[e.errno]}{where}"
-        lines = str(e).strip().splitlines()
-        for line in lines:
-            hit = next((s for s in TRANSIENT_TEXTS if s in line.lower()), None)
-            if hit is not None:  # quote the driver's own line, not a wrapper's preamble
-                return f"{hit} ({type(e).__name__}: {line.strip()[:200]})"
-        todo += [e.__cause__, e.__context__]
+        cause = _own_cause(e)
+        if cause is not None:
+            return cause
+        todo.append(e.__cause__)
+        if not e.__suppress_context__:  # `raise … from None` cut the chain on purpose
+            todo.append(e.__context__)
     return None
+
+
+def _own_cause(e: BaseException) -> str | None:
+    """The transient cause ``e`` itself carries, if any (its chain aside)."""
+    if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{TRANSIENT_ERRNOS[e.errno]}{where}"
+    names = {f"{k.__module__}.{k.__qualname__}" for k in type(e).__mro__}
+    status = getattr(e, "get_http_status_code", lambda: None)()  # MLflow's REST errors
+    if getattr(e, "error_code", "") == "TEMPORARILY_UNAVAILABLE" or status in (502, 503, 504):
+        return f"the tracking server is unavailable ({type(e).__name__}: {_first(e)})"
+    library = type(e).__module__.split(".")[0]
+    if not (names & TRANSIENT_TYPES or library in STORE_LIBRARIES or isinstance(e, OSError)):
+        return None
+    for line in str(e).strip().splitlines():
+        hit = next((s for s in TRANSIENT_TEXTS if s in line.lower()), None)
+        if hit is not None:  # quote the driver's own line, not a wrapper's preamble
+            return f"{hit} ({type(e).__name__}: {line.strip()[:200]})"
+    if names & TRANSIENT_TYPES:
+        return f"the store's connection failed ({type(e).__name__}: {_first(e)})"
+    return None
+
+
+def _first(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else ""

@@ -409,11 +409,32 @@ class Tracker:
         self._call(self.client.set_terminated, run_id, status)
 
     def artifact_names(self, run_id: str) -> set[str]:
-        """Top-level artifact names of a run (empty when its folder is gone)."""
+        """Top-level artifact names of a run (empty when its folder is gone). Any other
+        failure to list them (a store that does not answer) is raised, never read as
+        "missing"."""
+        from mlflow.exceptions import MlflowException
+
         try:
             return {a.path for a in self._call(self.client.list_artifacts, run_id)}
-        except Exception:  # a missing artifact root is what we are asking about
+        except FileNotFoundError:
             return set()
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return set()
+            raise
+
+    def get_run(self, run_id: str):
+        """A run by id, in any experiment of this store; None when there is no such run
+        (deleted runs included). Other failures are raised."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._call(self.client.get_run, run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        return None if run.info.lifecycle_stage == "deleted" else run
 
     def search(self, filter_string: str = "", max_results: int = 50_000) -> list:
         return list(

@@ -625,7 +625,8 @@ def save_checkpoint(
         "census": _plain(census or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    with open(tmp, "wb") as fh:  # a Python file: a full disk is an OSError with its errno,
+        torch.save(payload, fh)  # not torch's "unexpected pos" RuntimeError
     os.replace(tmp, path)
     return path
 

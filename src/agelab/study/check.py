@@ -54,27 +54,47 @@ def _lost_results(
 ) -> tuple[list[Finding], set[str]]:
     """COMPLETE trials whose run, final metrics or artifacts are gone: invalid, re-queued.
     Returns the findings and the run ids of the invalidated trials."""
-    findings, invalid, runs = [], invalid_trials(study), set()
+    findings, invalid, runs = [], {}, set()
+    requeue = "its cell is queued again" if study_kind(study) == "planned" else (
+        "a new trial will be sampled in its place"
+    )  # fmt: skip
     for t in valid_complete(study):
         run_id = t.user_attrs.get(A_RUN)
-        problem = _why_invalid(tracker, by_id.get(run_id), run_id)
+        try:
+            problem = _why_invalid(tracker, by_id.get(run_id), run_id)
+        except Exception as exc:  # the store did not answer: verify later, change nothing
+            findings.append(
+                Finding(
+                    f"trial {t.number}: could not verify its MLflow run {run_id} ({exc})",
+                    "left as it is",
+                )
+            )
+            continue
         if problem is None:
             continue
         what = f"trial {t.number} ({t.user_attrs.get(A_CELL, '?')}) is COMPLETE but {problem}"
-        findings.append(Finding(what, "its cell is queued again"))
+        findings.append(Finding(what, requeue))
         runs.add(run_id)
         if repair:
             invalid[t.number] = problem
             if run_id in by_id:
                 tracker.set_tags(run_id, {TAG_STATE: "INVALID", TAG_REASON: problem})
-    if repair and len(invalid) != len(invalid_trials(study)):
-        study.set_user_attr(S_INVALID, {str(k): v for k, v in invalid.items()})
+    if repair and invalid:  # merged into what is there now (another check may have added)
+        merged = invalid_trials(study) | invalid
+        study.set_user_attr(S_INVALID, {str(k): v for k, v in merged.items()})
     return findings, runs
+
+
+def study_kind(study: optuna.Study) -> str:
+    """``planned`` (grid, random: cells are queued) or ``adaptive`` (tpe: trials are asked)."""
+    return "adaptive" if isinstance(study.sampler, optuna.samplers.TPESampler) else "planned"
 
 
 def _why_invalid(tracker: Tracker, run, run_id: str | None) -> str | None:
     if run_id is None:
         return "it has no MLflow run"
+    if run is None:  # not among this experiment's runs: asked by id before calling it gone
+        run = tracker.get_run(run_id)
     if run is None:
         return f"its MLflow run {run_id} is gone"
     if run.info.status == RUNNING:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -36,6 +37,7 @@ from agelab.errors import ConfigError, StoreError, StudyConfigChanged
 
 #: Study user attributes.
 S_IDENTITY, S_HASH, S_BASE, S_VERSION = "identity", "identity_hash", "base_name", "version"
+S_EXPERIMENT = "mlflow_experiment"
 
 #: Fields (dotted, or a prefix ending in ".") that never change what a trial computes.
 EXECUTION_ONLY = (
@@ -58,11 +60,15 @@ CELL_SETTINGS = ("search.seeds", "search.space", "search.n_trials")
 
 
 def identity(cfg: StudyConfig, data_fingerprint: str) -> dict[str, Any]:
-    """The settings that decide a trial's result, flattened, plus the dataset fingerprint.
+    """The settings that decide a trial's result, flattened, plus the dataset fingerprint,
+    the split algorithm's version, the numeric precision training runs in on this machine,
+    and the content (not the path) of a pretrained weights file.
 
     A field the search space sets is left out too: its value comes from the space."""
     planned = cfg.search.sampler in ("grid", "random")
     skip = EXECUTION_ONLY + (CELL_SETTINGS if planned else ("search.n_trials",))
+    if cfg.search.sampler == "grid":
+        skip += ("search.sampler_seed",)  # a grid draws nothing
     searched = set(cfg.search.space)
     out = {
         key: value
@@ -72,7 +78,31 @@ def identity(cfg: StudyConfig, data_fingerprint: str) -> dict[str, Any]:
     # (TPE keeps search.space and search.seeds: its history depends on them.)
     out["data.fingerprint"] = data_fingerprint
     out["data.split_version"] = SPLIT_VERSION
+    out["train.precision"] = precision(cfg)
+    if cfg.model.weights is not None and "model.weights" not in searched:
+        out["model.weights"] = file_digest(Path(cfg.model.weights).expanduser())
     return out
+
+
+def precision(cfg: StudyConfig) -> str:
+    """``bf16`` where training autocasts (``train.amp`` on a CUDA device), else ``fp32``: a
+    GPU worker joining a CPU study would otherwise mix bf16 results into it."""
+    if not cfg.train.amp or cfg.train.device == "cpu":
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a file's bytes (moving the file keeps it; changing it does not)."""
+    if not path.is_file():
+        return f"missing:{path}"
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
 
 
 def _listed(key: str, names: tuple[str, ...]) -> bool:
@@ -136,11 +166,45 @@ def stored_identity(study: optuna.Study) -> dict[str, Any] | None:
     return json.loads(raw) if isinstance(raw, str) else raw
 
 
-def bind(study: optuna.Study, base: str, version: int, ident: dict[str, Any]) -> None:
+def bind(
+    study: optuna.Study, base: str, version: int, ident: dict[str, Any], experiment: str
+) -> None:
+    """Record the identity (and the MLflow experiment that holds the runs) on the study."""
     study.set_user_attr(S_IDENTITY, json.dumps(ident, sort_keys=True, default=str))
     study.set_user_attr(S_HASH, identity_hash(ident))
     study.set_user_attr(S_BASE, base)
     study.set_user_attr(S_VERSION, version)
+    study.set_user_attr(S_EXPERIMENT, experiment)
+
+
+def check_experiment(study: optuna.Study, experiment: str) -> None:
+    """The study's runs live in one MLflow experiment: a config pointing elsewhere would
+    find none of them and redo every cell, so it is refused."""
+    was = study.user_attrs.get(S_EXPERIMENT)
+    if was is not None and was != experiment:
+        raise ConfigError(
+            f"study {study.study_name!r}",
+            [
+                f"tracking.experiment: its runs are in MLflow experiment {was!r}, this config "
+                f"logs to {experiment!r}; set tracking.experiment={was} (or remove it if that "
+                "is the study's name), or start a new version with --new-version"
+            ],
+        )
+
+
+def legacy_changes(
+    ident: dict[str, Any], params: dict[str, str], tags: dict[str, str]
+) -> list[str]:
+    """``field: old → new`` for identity fields whose value differs from a parent run's
+    logged params (strings, as :func:`agelab.secrets.scrub` wrote them)."""
+    from agelab.secrets import scrub
+
+    old = dict(params) | {"data.fingerprint": tags.get("agelab.dataset_fingerprint")}
+    return [
+        f"{key}: {_short(old[key])} → {_short(value)}"
+        for key, value in sorted(ident.items())
+        if old.get(key) is not None and old[key] != scrub(value)
+    ]
 
 
 def choose_version(
@@ -177,12 +241,17 @@ def choose_version(
 
 
 def config_changed(
-    base: str, latest: int, old: dict[str, Any], new: dict[str, Any]
+    base: str,
+    latest: int,
+    old: dict[str, Any],
+    new: dict[str, Any],
+    *,
+    changes: list[str] | None = None,
 ) -> StudyConfigChanged:
     name, nxt = version_name(base, latest), version_name(base, latest + 1)
     return StudyConfigChanged(
         name,
-        changed_fields(old, new),
+        changes if changes is not None else changed_fields(old, new),
         [
             f"to keep {name!r} and start version {latest + 1} ({nxt!r}) with this config: "
             "add --new-version (make: ARGS=--new-version)",
@@ -199,7 +268,7 @@ def version_for_report(
     identity matches the config's (the dataset fingerprint aside: reading a report must not
     decode a dataset), else the latest, with a note saying so."""
     names = versions(storage, cfg.name)
-    if len(names) <= 1:
+    if not names:
         return 1, None
     wanted = identity(cfg, "")
     wanted.pop("data.fingerprint")

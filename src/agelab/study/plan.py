@@ -18,6 +18,7 @@ import itertools
 import os
 import socket
 import time
+from collections import Counter
 from typing import Any
 
 import optuna
@@ -71,8 +72,14 @@ ERROR_PREFIX = "error:"
 #: ... and with this, its worker died: the cell goes back in the queue.
 DIED_PREFIX = "worker died"
 #: ... and with this, the machine or a store failed under it (full disk, lost database):
-#: the cell goes back in the queue too.
+#: the cell goes back in the queue too (at most MAX_STOPS times: a trial that fills the disk
+#: itself would otherwise stop every run).
 STOPPED_PREFIX = "stopped:"
+MAX_STOPS = 3
+#: ... and with this, Ctrl-C (or SIGTERM) stopped it: re-queued at once.
+INTERRUPTED_PREFIX = "interrupted"
+#: Fail reasons of trials that did not fail on their own: their cell is run again.
+REQUEUED = (DIED_PREFIX, STOPPED_PREFIX, INTERRUPTED_PREFIX)
 
 
 # ----------------------------------------------------------------------- the space
@@ -135,9 +142,16 @@ def plan_key(params: dict[str, Any]) -> str:
 
 
 def trial_config(cfg: StudyConfig, params: dict[str, Any]) -> StudyConfig:
-    """The study config with one trial's params applied and its seed in ``train.seed``."""
+    """The study config with one trial's params applied and its replicate seed where
+    ``search.replicate_varies`` says: ``train.seed`` (init: weights, batch order,
+    augmentation) and/or ``data.split.seed`` (split: the base split seed + the replicate
+    seed). Every cell of one replicate gets the same of both, so pairs stay paired."""
     overrides = {k: v for k, v in params.items() if k != SEED_PARAM}
-    overrides["train.seed"] = params[SEED_PARAM]
+    seed, varies = int(params[SEED_PARAM]), cfg.search.replicate_varies
+    if "init" in varies:
+        overrides["train.seed"] = seed
+    if "split" in varies and "data.split.seed" not in params:
+        overrides["data.split.seed"] = (cfg.data.split.seed + seed) % 2**32
     return cfg.with_params(overrides)
 
 
@@ -162,7 +176,8 @@ def planned_trials(cfg: StudyConfig) -> list[dict[str, Any]]:
 def _random_points(cfg: StudyConfig) -> list[dict[str, Any]]:
     # Drawn with Optuna's own seeded RandomSampler in memory, so the same seed gives the
     # same plan on every machine.
-    dists = space_distributions(cfg.search.space)
+    # Keys in sorted order: the same space written in another order draws the same points.
+    dists = space_distributions(dict(sorted(cfg.search.space.items())))
     draft = optuna.create_study(sampler=optuna.samplers.RandomSampler(cfg.search.sampler_seed))
     points = []
     for _ in range(int(cfg.search.n_trials or 0)):
@@ -177,12 +192,18 @@ def _taken(study: optuna.Study) -> set[str]:
     their own (a deterministic error would fail again)."""
     busy = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
     invalid = invalid_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    stops = Counter(
+        t.user_attrs.get(A_KEY)
+        for t in trials
+        if t.state == TrialState.FAIL and t.user_attrs.get(A_REASON, "").startswith(STOPPED_PREFIX)
+    )
     return {
         t.user_attrs.get(A_KEY)
-        for t in study.get_trials(deepcopy=False)
+        for t in trials
         if (t.state in busy and t.number not in invalid)
         or (t.state == TrialState.FAIL and t.user_attrs.get(A_REASON, "").startswith(ERROR_PREFIX))
-    }
+    } | {key for key, n in stops.items() if n >= MAX_STOPS}
 
 
 def enqueue(study: optuna.Study, params: dict[str, Any], config_hash: str) -> None:

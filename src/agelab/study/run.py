@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from agelab.config import Range, StudyConfig, flatten
-from agelab.errors import transient_cause
+from agelab.errors import StoreError, transient_cause
 from agelab.secrets import mask_uri
 from agelab.study.check import check
 from agelab.study.check import summary as check_summary
@@ -32,9 +32,12 @@ from agelab.study.estimate import estimate_trial_seconds, size_warning
 from agelab.study.identity import (
     Binding,
     bind,
+    check_experiment,
     choose_version,
+    config_changed,
     identity,
     identity_hash,
+    legacy_changes,
     stored_identity,
     version_name,
     versions,
@@ -186,10 +189,16 @@ def resolve_version(
                  for k, n in names.items()}  # fmt: skip
         k, create = choose_version(found, cfg.name, ident, new_version=new_version, join=join)
         binding = Binding(version_name(cfg.name, k), k, ident, identity_hash(ident), create)
-        study = open_study(versioned(cfg, k), storage)
+        run_cfg = versioned(cfg, k)
+        study = open_study(run_cfg, storage)
+        experiment = run_cfg.tracking.experiment or run_cfg.name
         if create or found.get(k) is None:
             binding.adopted = not create and bool(study.get_trials(deepcopy=False))
-            bind(study, cfg.name, k, ident)
+            if binding.adopted:
+                _refuse_legacy_changes(run_cfg, ident)
+            bind(study, cfg.name, k, ident, experiment)
+        else:
+            check_experiment(study, experiment)
     if binding.created and k > 1:
         print(f"study {cfg.name!r}: version {k} ({binding.name!r}) starts with this config; "
               f"version {k - 1} stays as it was")  # fmt: skip
@@ -197,6 +206,26 @@ def resolve_version(
         print(f"study {binding.name!r} was made before agelab recorded configs: its trials "
               "are taken to be of this config from now on")  # fmt: skip
     return binding
+
+
+def _refuse_legacy_changes(cfg: StudyConfig, ident: dict[str, Any]) -> None:
+    """A study made before agelab recorded identities is adopted only by the config it was
+    first run with, read back from its first parent run's params in MLflow."""
+    try:
+        tracker = Tracker(cfg.tracking, cfg.tracking.experiment or cfg.name, create=False)
+    except StoreError:
+        return  # no store to compare with: nothing of the old results can be mixed in either
+    parents = [
+        r
+        for r in tracker.search(f"tags.`{TAG_STUDY}` = '{cfg.name}'")
+        if r.data.tags.get(TAG_KIND) == "study"
+    ]
+    if not parents:
+        return
+    first = min(parents, key=lambda r: r.info.start_time or 0)
+    changes = legacy_changes(ident, first.data.params, first.data.tags)
+    if changes:
+        raise config_changed(cfg.name, 1, {}, {}, changes=changes)
 
 
 def versioned(cfg: StudyConfig, version: int) -> StudyConfig:
@@ -328,8 +357,12 @@ def _run_processes(cfg: StudyConfig, parent: str, workers: int, n_trials: int | 
                 cmd.append(str(max(1, math.ceil(n_trials / workers))))
             procs.append(subprocess.Popen(cmd, env=env))
         rcs = [p.wait() for p in procs]
-        if any(rcs):
-            print(f"warning: worker exit codes {rcs}")
+        stopped = [rc for rc in rcs if rc not in (0, 130)]
+        if stopped:  # each worker said why above; the study must not look finished
+            raise StoreError(
+                f"{len(stopped)} of {workers} worker(s) stopped (exit codes {rcs}): see their "
+                "messages above; run the same command again once that is fixed"
+            )
     except KeyboardInterrupt:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):

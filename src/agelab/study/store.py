@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from agelab.config import StudyConfig
 from agelab.errors import StoreError
+from agelab.study.optuna_compat import RepairingJournalBackend
 from agelab.tracking import check_database, is_database_uri
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -34,14 +35,15 @@ def storage_url(cfg: StudyConfig) -> str:
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+        from optuna.storages.journal import JournalFileOpenLock
 
         path = Path(url[len("journal:") :])
         path.parent.mkdir(parents=True, exist_ok=True)
         # The open-lock works on any local filesystem (the symlink lock needs NFS semantics).
         lock = JournalFileOpenLock(str(path))
         check_journal(path, lock)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+        backend = RepairingJournalBackend(str(path), lock, before_append=drop_torn_tail)
+        return optuna.storages.JournalStorage(backend)
     # RDB (PostgreSQL, MySQL, SQLite): pool_pre_ping survives server restarts.
     if is_database_uri(url):
         check_database(url, "Optuna storage")  # fast, clear failure instead of a traceback
@@ -51,27 +53,18 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 def check_journal(path: Path, lock) -> None:
     """A journal whose last record was cut by a crash (no final newline) is repaired: Optuna
     would append the next record to the torn one and never read the file again. A backup is
-    written first. A bad record anywhere else is a :class:`StoreError` saying how to recover."""
+    written first. A bad record anywhere else is a :class:`StoreError` saying how to recover.
+    (Processes that already have the journal open repair a tail torn later before their own
+    next append: :class:`~agelab.study.optuna_compat.RepairingJournalBackend`.)"""
     if not path.is_file():
         return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
+    if not path.read_bytes().endswith(b"\n"):
         lock.acquire()  # writers hold it while appending: a torn tail now is really torn
         try:
-            data = path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                backup = _backup(path)
-                keep = data.rfind(b"\n") + 1
-                with path.open("r+b") as fh:
-                    fh.truncate(keep)
-                lost, data = len(data) - keep, data[:keep]
-                print(
-                    f"repaired the Optuna journal {path}: dropped a record cut short by a "
-                    f"crash ({lost} bytes; backup: {backup})"
-                )
+            drop_torn_tail(path)
         finally:
             lock.release()
-    for number, line in enumerate(data.splitlines(), start=1):
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         try:
             json.loads(line)
         except ValueError:
@@ -81,6 +74,22 @@ def check_journal(path: Path, lock) -> None:
                 "again: every study in it starts over in Optuna, and `agelab run` / "
                 "`agelab check` set their old MLflow runs aside instead of mixing them in"
             ) from None
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a last record that has no final newline (a write cut short by a crash or a full
+    disk), after a backup. The caller holds the journal's writer lock."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    backup = _backup(path)
+    keep = data.rfind(b"\n") + 1
+    with path.open("r+b") as fh:
+        fh.truncate(keep)
+    print(
+        f"repaired the Optuna journal {path}: dropped a record cut short by a crash "
+        f"({len(data) - keep} bytes; backup: {backup})"
+    )
 
 
 def _backup(path: Path) -> Path:

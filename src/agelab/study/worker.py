@@ -43,13 +43,15 @@ from agelab.study.plan import (
     A_PID,
     A_REASON,
     A_RUN,
-    DIED_PREFIX,
     ERROR_PREFIX,
+    INTERRUPTED_PREFIX,
+    REQUEUED,
     SEED_PARAM,
     STOPPED_PREFIX,
     cell_id,
     distributions,
     enqueue,
+    invalid_trials,
     plan_key,
     trial_config,
     trial_params,
@@ -77,6 +79,11 @@ class TrialOutcome:
     label: str
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+
+
+def _requeued(t: optuna.trial.FrozenTrial) -> bool:
+    """Failed from outside (dead worker, stopped store, Ctrl-C): the work is redone."""
+    return t.state == TrialState.FAIL and t.user_attrs.get(A_REASON, "").startswith(REQUEUED)
 
 
 def run_label(params: dict[str, Any], cfg: StudyConfig) -> str:
@@ -123,6 +130,7 @@ class Worker:
         self.tracker = Tracker(cfg.tracking, cfg.tracking.experiment or cfg.name)
         self.parent_run_id = parent_run_id
         self._run_id: str | None = None  # the MLflow run of the trial in flight
+        self._told = False  # Optuna has the trial's result
         # The identity the study is bound to (see agelab.study.identity): on every trial and run.
         self.config_hash = str(self.study.user_attrs.get(S_HASH, ""))
         self._dataset: tuple[str, Any] | None = None  # one dataset resident at a time
@@ -147,12 +155,13 @@ class Worker:
         study has fewer than ``search.n_trials`` started (trials of dead workers don't count)."""
         if self.cfg.search.sampler in ("grid", "random"):
             return optuna_compat.pop_waiting_trial(self.study)
+        invalid = invalid_trials(self.study)
         started = [
             t
             for t in self.study.get_trials(deepcopy=False)
-            if not (
-                t.state == TrialState.FAIL
-                and t.user_attrs.get(A_REASON, "").startswith((DIED_PREFIX, STOPPED_PREFIX))
+            if t.number not in invalid
+            and not (
+                t.state == TrialState.FAIL and t.user_attrs.get(A_REASON, "").startswith(REQUEUED)
             )
         ]
         if len(started) >= int(self.cfg.search.n_trials or 0):
@@ -165,17 +174,19 @@ class Worker:
         not raised. Two things stop the worker instead, leaving the cell to be run again:
         Ctrl-C, and a failure of the machine or a store (full disk, I/O error, read-only
         store, lost database), raised as one :class:`StoreError` line."""
+        self._told = False
         try:
             return self._run_trial(trial)
         except Exception as exc:
             cause = transient_cause(exc)
             if cause is None:
                 raise
-            self._stopped(trial, cause)
+            if not self._told:  # after Optuna has the result, the next run closes the run
+                self._stopped(trial, cause)
             raise StoreError(
                 f"stopped by the machine or a store, not by the trial: {cause}. Fix that (free "
                 "space, fix permissions, restart the database), then run the same command "
-                f"again: trial {trial.number} will be run again"
+                "again: the stopped trial is redone"
             ) from None
 
     def _run_trial(self, trial: optuna.Trial) -> TrialOutcome:
@@ -209,6 +220,7 @@ class Worker:
             return self._report(self._failed(run, exc))
         kill_point("study.tell.before")
         self.study.tell(trial, result.value)
+        self._told = True
         kill_point("study.tell.after")
         self._close(run, "COMPLETE", FINISHED)
         return self._report(run.outcome("COMPLETE", result.value, metrics=result.metrics))
@@ -264,7 +276,7 @@ class Worker:
 
     def _interrupted(self, run: _Running) -> None:
         """Ctrl-C: fail this trial and put its cell back in the queue (resumable study)."""
-        reason = "interrupted (Ctrl-C)"
+        reason = f"{INTERRUPTED_PREFIX} (Ctrl-C)"
         run.trial.set_user_attr(A_REASON, reason)
         self.study.tell(run.trial, state=TrialState.FAIL)
         if self.cfg.search.sampler in ("grid", "random"):
@@ -279,10 +291,10 @@ class Worker:
         with contextlib.suppress(Exception):
             trial.set_user_attr(A_REASON, reason)
             self.study.tell(trial, state=TrialState.FAIL)
-        if self._run_id is not None:
+        if self._run_id is not None:  # KILLED: an attempt cut short, not the cell's failure
             with contextlib.suppress(Exception):
                 self.tracker.set_tags(self._run_id, {TAG_STATE: "FAIL", TAG_REASON: reason})
-                self.tracker.end_run(self._run_id, FAILED)
+                self.tracker.end_run(self._run_id, KILLED)
 
     def _failed(self, run: _Running, exc: Exception) -> TrialOutcome:
         reason = f"{ERROR_PREFIX} {type(exc).__name__}: {exc}"[:1000]
@@ -318,9 +330,13 @@ class Worker:
             )
         else:
             line = f"{o.state}: {o.reason}"
-        print(
-            f"{self.tag}trial {o.number:3d} {o.label:<38s} {line} | {o.seconds:5.0f}s", flush=True
-        )
+        try:
+            print(
+                f"{self.tag}trial {o.number:3d} {o.label:<38s} {line} | {o.seconds:5.0f}s",
+                flush=True,
+            )
+        except BrokenPipeError:  # `agelab run … | head`: the results are in the stores
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
         return o
 
 
