@@ -513,7 +513,7 @@ CATALOGUE = [
         ConfigError, ("search.n_trials is required for sampler 'random'",)),
     Bad("wrong types", "splits not summing to 1",
         run_config("name: x\ndata: {split: {train: 0.8, calib: 0.3, test: 0.1}}\n"),
-        ConfigError, ("train + calib + test must sum to 1",)),
+        ConfigError, ("train + calib + conformal + test must sum to 1",)),
     Bad("wrong types", "duplicate replicate seeds",
         run_config("name: x\nsearch: {seeds: [1, 1]}\n"), ConfigError,
         ("replicate seeds must be distinct",)),

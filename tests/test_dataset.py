@@ -132,7 +132,7 @@ def test_real_dataset_fields_and_info(tmp_path):
     assert data.ages.dtype == np.float32 and data.ages[0] == 5
     assert list(data.paths[:2]) == ["0.png", "1.png"] and data.source == "csv"
     assert len(data.fingerprint) == 64 and data.true_ages is None
-    assert set(data.split) == {"train", "calib", "test"}
+    assert set(data.split) == {"train", "calib", "conformal", "test"}
     for s in set(data.subjects):
         assert len(set(data.split[data.subjects == s])) == 1  # subject-disjoint
     info = data.info
@@ -191,7 +191,7 @@ def test_real_sample_loads_both_ways(faces_sample, tmp_path):
     assert np.array_equal(via_csv.images.numpy(), via_dir.images.numpy()[order])
     assert set(via_csv.subjects) == {""}  # no subjects: every image is its own group
     counts = {k: v["n"] for k, v in via_csv.info["split"].items()}
-    assert counts == {"train": 175, "calib": 38, "test": 37}
+    assert counts == {"train": 175, "calib": 25, "conformal": 13, "test": 37}
 
 
 def test_wrong_utkface_folder_points_to_the_right_one(faces_sample, tmp_path):

@@ -80,7 +80,7 @@ def test_every_copied_pair_lands_in_one_split(tmp_path: Path, link: bool, capsys
         split = dict(zip(data.paths.tolist(), data.split.tolist(), strict=True))
         apart = [i for i in range(20) if split[f"img{i:03d}.jpg"] != split[f"dup{i:03d}.jpg"]]
         assert not apart, f"seed {seed}: pairs {apart} are in different splits"
-        assert set(data.split) == {"train", "calib", "test"}
+        assert set(data.split) == {"train", "calib", "conformal", "test"}
     dup = data.info["duplicates"]
     assert (dup["n_groups"], dup["n_copies"], dup["n_conflicting"]) == (20, 20, 0)
     assert dup["examples"][0] == "img000.jpg = dup000.jpg"

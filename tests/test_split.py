@@ -13,7 +13,7 @@ from agelab.config import SplitConfig
 from agelab.data.split import SplitWarning, assign_splits, split_summary
 from agelab.errors import DataError
 
-SPLITS = ("train", "calib", "test")
+SPLITS = ("train", "calib", "conformal", "test")
 
 
 def layout(n_subjects: int, per_subject: int, n_loose: int = 0, seed: int = 0):
@@ -53,10 +53,12 @@ def layouts(draw):
     train = draw(st.floats(0.4, 0.8))
     calib_share = draw(st.floats(0.2, 0.8))
     calib = (1 - train) * calib_share
+    conformal = draw(st.sampled_from([0.0, 0.05, 0.1])) * (1 - train - calib) / 0.2
     cfg = SplitConfig(
         train=train,
         calib=calib,
-        test=1 - train - calib,
+        conformal=conformal,
+        test=1 - train - calib - conformal,
         seed=draw(st.integers(0, 2**31)),
         band_width=draw(st.sampled_from([5.0, 10.0, 20.0])),
     )
@@ -70,7 +72,11 @@ def test_subject_disjoint_and_all_splits_nonempty(data):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SplitWarning)
         split = assign_splits(ages, subjects, cfg)
-    assert split.shape == ages.shape and set(split) == set(SPLITS)
+    n_groups = len(set(subjects[subjects != ""])) + int((subjects == "").sum())
+    wanted = {s for s in SPLITS if getattr(cfg, s) > 0}
+    if n_groups < len(wanted):  # no room for a conformal split: calib serves both
+        wanted.discard("conformal")
+    assert split.shape == ages.shape and set(split) == wanted
     assert_disjoint(split, subjects)
 
 
@@ -86,9 +92,9 @@ def test_deterministic_and_seed_dependent():
 @pytest.mark.parametrize(("n_subjects", "per_subject", "tol"), [(1000, 1, 0.01), (200, 5, 0.03)])
 def test_fractions_hold(n_subjects, per_subject, tol):
     ages, subjects = layout(n_subjects, per_subject)
-    cfg = SplitConfig(train=0.6, calib=0.25, test=0.15, seed=1)
+    cfg = SplitConfig(train=0.6, calib=0.2, conformal=0.05, test=0.15, seed=1)
     split = assign_splits(ages, subjects, cfg)
-    for name, want in zip(SPLITS, (0.6, 0.25, 0.15), strict=True):
+    for name, want in zip(SPLITS, (0.6, 0.2, 0.05, 0.15), strict=True):
         assert abs(np.mean(split == name) - want) <= tol
 
 
@@ -112,8 +118,22 @@ def test_subjects_are_banded_by_median_age():
 
 @pytest.mark.parametrize("n", [3, 4, 10])
 def test_small_datasets_get_nonempty_calib_and_test(n):
-    split = assign_splits(np.linspace(1, 80, n), np.full(n, ""), SplitConfig())
-    assert all((split == name).sum() >= 1 for name in SPLITS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SplitWarning)
+        split = assign_splits(np.linspace(1, 80, n), np.full(n, ""), SplitConfig())
+    assert all((split == name).sum() >= 1 for name in ("train", "calib", "test"))
+    # Three images cannot also make a conformal split: calib serves both, and it is said.
+    assert ((split == "conformal").sum() >= 1) == (n >= 4)
+    said = any("no conformal split" in str(w.message) for w in caught)
+    assert said == (n < 4)
+
+
+def test_conformal_zero_gives_the_three_splits_of_before():
+    ages, subjects = layout(80, 3, n_loose=40)
+    cfg = SplitConfig(train=0.7, calib=0.15, conformal=0.0, test=0.15, seed=2)
+    split = assign_splits(ages, subjects, cfg)
+    assert set(split) == {"train", "calib", "test"}
+    assert abs(np.mean(split == "calib") - 0.15) <= 0.03
 
 
 def test_too_few_groups_is_a_clear_error():
@@ -126,7 +146,7 @@ def test_too_few_groups_is_a_clear_error():
 def test_unbalanced_subjects_warn():
     ages = np.arange(102, dtype=float) % 80
     subjects = np.array(["big"] * 100 + ["x", "y"])
-    with pytest.warns(SplitWarning, match="fractions are off"):
+    with pytest.warns(SplitWarning, match="fractions are off"):  # and no conformal split
         split = assign_splits(ages, subjects, SplitConfig())
     assert_disjoint(split, subjects)
 

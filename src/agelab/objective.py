@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from agelab.config import StudyConfig, flatten
-from agelab.data.dataset import FaceDataset
+from agelab.data.dataset import SPLITS, FaceDataset
 from agelab.errors import TrainingDiverged, TrialFailed
 from agelab.tracking import Tracker
 
@@ -139,18 +139,29 @@ def _train(model, data: FaceDataset, cfg: StudyConfig, on_epoch, quiet: bool):
     return result, pred, fitted_at
 
 
+#: The fewest faces conformal intervals are calibrated on (agelab.metrics needs 3); a
+#: smaller conformal split is set aside and the intervals are calibrated on calib.
+MIN_CONFORMAL = 3
+
+
 def _diagnose(cfg: StudyConfig, data: FaceDataset, pred: np.ndarray):
-    """Test-split diagnostics (conformal intervals calibrated on the calib split) and the
-    final metrics: the diagnostics' scalars, the objective, the noise floor (synthetic)."""
+    """Test-split diagnostics (conformal intervals calibrated on the conformal split) and the
+    final metrics: the diagnostics' scalars, the objective, each split's size, the noise
+    floor (synthetic)."""
     from agelab import metrics as M
 
     calib_idx, test_idx = data.indices("calib"), data.indices("test")
+    # Conformal intervals are calibrated on points that chose nothing (not the epoch, not the
+    # trial): exchangeable with the test faces. Without a conformal share, on calib.
+    conformal_idx = data.indices("conformal")
+    if len(conformal_idx) < MIN_CONFORMAL:  # none (conformal: 0), or too few to calibrate on
+        conformal_idx = calib_idx
     y, p = data.ages.astype(np.float64), pred.astype(np.float64)
     diag = M.evaluate(
         y[test_idx],
         p[test_idx],
-        y[calib_idx],
-        p[calib_idx],
+        y[conformal_idx],
+        p[conformal_idx],
         k_max=cfg.metrics.k_max,
         age_bands=cfg.metrics.age_bands,
         conformal_levels=tuple(cfg.metrics.conformal_levels),
@@ -161,6 +172,7 @@ def _diagnose(cfg: StudyConfig, data: FaceDataset, pred: np.ndarray):
     # The objective under its own name too: MLflow's "latest" calib_mae is the last
     # epoch's (highest step), not this one from the restored best weights.
     final |= {"calib_mae": calib_mae, "best_calib_mae": calib_mae}
+    final |= {f"n_{name}_split": float(len(data.indices(name))) for name in SPLITS}
     if data.true_ages is not None:  # synthetic: how far from the label-noise floor
         final["noise_floor_mae"] = float(np.mean(np.abs(y[test_idx] - data.true_ages[test_idx])))
         final["mae_vs_true_age"] = float(np.mean(np.abs(p[test_idx] - data.true_ages[test_idx])))

@@ -132,17 +132,26 @@ class SynthConfig(Strict):
 
 
 class SplitConfig(Strict):
+    """Subject-disjoint shares of the data. ``calib`` chooses (the objective, the best epoch);
+    ``conformal`` only calibrates the conformal intervals, on points no choice has seen, so
+    their coverage guarantee holds (0: calibrate on ``calib``, which selection has seen)."""
+
     train: float = Field(0.7, gt=0, lt=1)
-    calib: float = Field(0.15, gt=0, lt=1)
+    calib: float = Field(0.1, gt=0, lt=1, description="objective and best-epoch selection")
+    conformal: float = Field(0.05, ge=0, lt=1, description="conformal calibration only")
     test: float = Field(0.15, gt=0, lt=1)
     seed: Seed = 0
     band_width: float = Field(10.0, gt=0, description="age band width for stratification")
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
-        total = self.train + self.calib + self.test
+        total = self.train + self.calib + self.conformal + self.test
         if not math.isclose(total, 1.0, abs_tol=1e-6):
-            raise ValueError(f"train + calib + test must sum to 1 (got {total:g})")
+            raise ValueError(
+                f"train + calib + conformal + test must sum to 1 (got {total:g}; conformal is "
+                f"{self.conformal:g}: set data.split.conformal=0 to calibrate intervals on "
+                "calib instead)"
+            )
         return self
 
 
@@ -290,12 +299,25 @@ class SearchConfig(Strict):
     sampler_seed: Seed = 0
     pruner: Literal["none", "median", "hyperband"] = "none"
     warn_cells: int = Field(500, ge=1, description="warn when a grid has more trials")
+    replicate_varies: list[Literal["init", "split"]] = Field(
+        default_factory=lambda: ["init", "split"],
+        min_length=1,
+        description="what a replicate seed changes: init (weights, batch order, augmentation) "
+        "and/or split (data.split.seed + seed); every cell of a replicate shares both",
+    )
 
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, v: list[int]) -> list[int]:
         if len(set(v)) != len(v):
             raise ValueError(f"replicate seeds must be distinct (got {v})")
+        return v
+
+    @field_validator("replicate_varies")
+    @classmethod
+    def _unique_sources(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"list each source of variation once (got {v})")
         return v
 
     @model_validator(mode="after")
@@ -409,6 +431,15 @@ class ReportConfig(Strict):
     alpha: float = Field(0.05, gt=0, lt=0.5, description="family-wise error rate (Holm)")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="level of every interval")
     figures: bool = Field(True, description="embed figures (CS curves need log_figures runs)")
+    min_effect: float = Field(
+        0.25,
+        gt=0,
+        description="years: for each undecided paired test, about how many seeds would detect "
+        "a difference this large",
+    )
+    power: float = Field(
+        0.8, gt=0.5, lt=1, description="power of the detectable-difference statements"
+    )
 
 
 # -------------------------------------------------------------------------------- study

@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-SPLITS = ("train", "calib", "test")
+#: train: fit; calib: the objective and best-epoch selection; conformal: conformal calibration
+#: only (may be empty, see SplitConfig.conformal); test: reported, never chosen on.
+SPLITS = ("train", "calib", "conformal", "test")
 
 
 @dataclass
@@ -18,7 +20,7 @@ class FaceDataset:
     images     uint8 tensor [N, 3, H, W] (CPU, contiguous)
     ages       float32 [N] — the labels models learn from and are scored against
     subjects   str [N] — person id ("" where unknown); splits keep a subject in one split
-    split      str [N] — "train" | "calib" | "test"
+    split      str [N] — "train" | "calib" | "conformal" | "test"
     true_ages  float32 [N] or None — noise-free ages (synthetic data only)
     paths      str [N] or None — source file of each image (real data)
     fingerprint  content hash of the source data and decoding options (cache key, MLflow tag)

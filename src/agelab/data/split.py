@@ -68,7 +68,8 @@ def assign_splits(
     cfg: SplitConfig,
     duplicates: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Split label ("train" | "calib" | "test") per image. Deterministic in ``cfg.seed``.
+    """Split label ("train" | "calib" | "conformal" | "test") per image. Deterministic in
+    ``cfg.seed``; a split whose share is 0 (``conformal``) gets no image.
 
     ``duplicates``: a content-group id per image (-1: no twin), from
     :func:`agelab.data.sources.content_groups`; images sharing an id share a split."""
@@ -77,22 +78,41 @@ def assign_splits(
     group_of, n_groups = _groups(subjects)
     if duplicates is not None:
         group_of, n_groups = _join_duplicates(group_of, n_groups, np.asarray(duplicates))
-    if n_groups < len(SPLITS):
+    fracs = _fractions(cfg, n_groups)
+    active = int((fracs > 0).sum())
+    if n_groups < active:
+        names = "/".join(s for s, f in zip(SPLITS, fracs, strict=True) if f > 0)
         raise DataError(
-            f"cannot make train/calib/test splits from {n} image(s) in {n_groups} "
-            f"subject group(s): need at least {len(SPLITS)} (a subject stays in one split)"
+            f"cannot make {names} splits from {n} image(s) in {n_groups} "
+            f"subject group(s): need at least {active} (a subject stays in one split)"
         )
     sizes, bands = _group_sizes_and_bands(ages, group_of, n_groups, cfg.band_width)
     rng = np.random.default_rng(cfg.seed)
     shuffle = rng.permutation(n_groups)
     # Visit order: band ascending, then size descending, then the seeded shuffle.
     visit = np.lexsort((shuffle, -sizes, bands))
-    fracs = (cfg.train, cfg.calib, cfg.test)
-    group_split, counts = _largest_deficit(visit, sizes, fracs)
-    _fill_empty_splits(group_split, counts, sizes)
-    _warn_if_far(counts / n, np.array(fracs), n, n_groups)
+    group_split, counts = _largest_deficit(visit, sizes, tuple(fracs))
+    _fill_empty_splits(group_split, counts, sizes, fracs > 0)
+    _warn_if_far(counts / n, fracs, n, n_groups)
     labels = np.asarray(SPLITS)[group_split[group_of]]
-    return labels.astype("<U5")
+    return labels.astype("<U9")
+
+
+def _fractions(cfg: SplitConfig, n_groups: int) -> np.ndarray:
+    """Target share per split. Too few subject groups for a conformal split as well: its
+    share goes back to calib (intervals calibrated there, as with conformal: 0), said once."""
+    fracs = np.array([getattr(cfg, name) for name in SPLITS], dtype=float)
+    conformal, calib = SPLITS.index("conformal"), SPLITS.index("calib")
+    if fracs[conformal] > 0 and n_groups < int((fracs > 0).sum()):
+        warnings.warn(
+            f"only {n_groups} subject group(s): no conformal split; conformal intervals are "
+            "calibrated on the calib split, which selection also uses",
+            SplitWarning,
+            stacklevel=3,
+        )
+        fracs[calib] += fracs[conformal]
+        fracs[conformal] = 0.0
+    return fracs
 
 
 def _join_duplicates(
@@ -161,12 +181,13 @@ def _group_sizes_and_bands(
 
 
 def _largest_deficit(
-    visit: np.ndarray, sizes: np.ndarray, fracs: tuple[float, float, float]
+    visit: np.ndarray, sizes: np.ndarray, fracs: tuple[float, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each group, in visit order, to the split furthest below its target share so far.
-    Returns the split index per group and the image count per split."""
+    Returns the split index per group and the image count per split. A split whose share is
+    0 never wins: the deficits sum to the group's size, so some other one is positive."""
     # Plain Python floats in the loop: ~1 µs per group, where numpy would be ~20.
-    totals = [0, 0, 0]
+    totals = [0] * len(fracs)
     assigned = 0
     choices = []
     size_list = sizes.tolist()
@@ -174,7 +195,7 @@ def _largest_deficit(
         size = size_list[g]
         after = assigned + size
         deficits = [f * after - t for f, t in zip(fracs, totals, strict=True)]
-        choice = deficits.index(max(deficits))  # ties → earlier split (train, calib, test)
+        choice = deficits.index(max(deficits))  # ties → the earlier split in SPLITS
         choices.append(choice)
         totals[choice] += size
         assigned = after
@@ -183,11 +204,14 @@ def _largest_deficit(
     return group_split, np.array(totals, dtype=np.float64)
 
 
-def _fill_empty_splits(group_split: np.ndarray, counts: np.ndarray, sizes: np.ndarray) -> None:
+def _fill_empty_splits(
+    group_split: np.ndarray, counts: np.ndarray, sizes: np.ndarray, active: np.ndarray
+) -> None:
     """Very small inputs can leave a split empty: move the smallest group of the largest
-    split there (in place on both arrays)."""
+    split there (in place on both arrays). Splits with a share of 0 (``active`` False) stay
+    empty."""
     for j in range(len(SPLITS)):
-        if counts[j] > 0:
+        if counts[j] > 0 or not active[j]:
             continue
         donors = [k for k in range(len(SPLITS)) if np.sum(group_split == k) > 1]
         donor = max(donors, key=lambda k: counts[k])
