@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
+from agelab import metrics as M
 from agelab import plots
 from agelab.metrics import evaluate
 
@@ -74,19 +75,68 @@ def test_all_figures_render_without_warnings(case):
 def test_individual_figures():
     t, p, d = _run()
     e = p - t
-    qq = plots.qq_plot(e)
-    assert len(qq.axes) == 2
-    assert [ax.get_title() for ax in qq.axes] == ["Q-Q vs normal", "Q-Q vs Laplace"]
+    qq = plots.qq_plot(e, shape=d.shape)
+    titles = [ax.get_title() for ax in qq.axes]
+    assert titles == ["Q-Q vs normal", "Q-Q vs Laplace", f"Q-Q vs GN (β = {d.shape.beta:.2f})"]
     hist = plots.residual_histogram(e)
-    assert len(hist.axes[0].lines) == 2  # normal and Laplace densities
+    assert len(hist.axes[0].lines) == 3  # normal, Laplace and GN densities
+    assert hist.axes[0].get_legend().texts[3].get_text().startswith(f"GN fit (β {d.shape.beta:.2f}")
     cs = plots.cs_curve_plot(e, k_max=12)
-    assert len(cs.axes[0].lines) >= 4  # observed + three theory curves
+    labels = [t.get_text() for t in cs.axes[0].get_legend().texts]
+    assert len(labels) == 5  # observed, normal, Laplace, N(bias, sd), GN; no bias: no centred
+    assert labels[4].startswith(f"GN from MAE, β {d.shape.beta:.2f}")
     assert cs.axes[0].get_xlim() == (0.0, 12.0)
     band = plots.residual_vs_age(t, p, conformal=d.conformal[0.9])
     assert any("conformal 90% band" in text.get_text() for text in band.axes[0].get_legend().texts)
     pvt = plots.pred_vs_true(t, p)
     for fig in (qq, hist, cs, band, pvt):
         _draw(fig)
+
+
+def test_small_samples_have_no_gn_panel():
+    e = np.random.default_rng(0).normal(size=12)  # n < 20: no GN fit
+    assert [ax.get_title() for ax in plots.qq_plot(e).axes] == ["Q-Q vs normal", "Q-Q vs Laplace"]
+    assert len(plots.residual_histogram(e).axes[0].lines) == 2
+
+
+def test_cs_curve_shows_the_centred_gn_curve_for_a_biased_run():
+    e = 3.0 + np.random.default_rng(1).laplace(0, 3, 3000)  # bias 3 years
+    cs = plots.cs_curve_plot(e)
+    labels = [t.get_text() for t in cs.axes[0].get_legend().texts]
+    centred = [label for label in labels if label.startswith("GN centred on +")]
+    assert len(centred) == 1, labels
+    assert float(centred[0].split("+")[1].split(" ")[0]) == pytest.approx(3.0, abs=0.2)
+    # centred, the GN predicts the observed share within the MAE; from 0 it is 2.5 points off
+    observed = float(labels[0].split(": ")[1].rstrip(")"))
+    assert float(centred[0].split(": ")[1].rstrip(")")) == pytest.approx(observed, abs=0.01)
+    _draw(cs)
+
+
+def test_coverage_vs_beta_figure():
+    rng = np.random.default_rng(0)
+    beta = rng.uniform(0.8, 2.2, 12)
+    beta[3] = np.nan  # a run without a fit
+    cov = M.coverage_at_mae_for_beta(np.nan_to_num(beta, nan=1.0)) + rng.normal(0, 0.01, 12)
+    labels = ["laplace"] * 6 + ["normal"] * 6
+    fig = plots.coverage_vs_beta_figure(beta, beta - 0.1, beta + 0.15, cov, labels)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    assert "1 run(s) without a fit left out" in ax.get_title()
+    legend = [t.get_text() for t in ax.get_legend().texts]
+    assert legend == ["centred GN errors: P(|e| <= MAE)", "laplace (5)", "normal (6)"]
+    curve = ax.lines[0]
+    x, y = curve.get_xdata(), curve.get_ydata()
+    assert np.interp(2.0, x, y) == pytest.approx(M.NORMAL_CS_AT_MAE, abs=1e-3)
+    assert np.interp(1.0, x, y) == pytest.approx(M.LAPLACE_CS_AT_MAE, abs=1e-3)
+    notes = [t.get_text() for t in ax.texts]
+    assert notes == ["normal: β = 2, 57.5%", "Laplace: β = 1, 63.2%"]
+    _render(fig)
+    plain = plots.coverage_vs_beta_figure([1.0], [0.9], [1.1], [0.63])  # no labels
+    assert [t.get_text() for t in plain.axes[0].get_legend().texts][1] == "runs (1)"
+    with pytest.raises(ValueError, match="differ in length"):
+        plots.coverage_vs_beta_figure([1.0, 2.0], [0.9], [1.1], [0.63])
+    with pytest.raises(ValueError, match="labels has 2 entries for 1 runs"):
+        plots.coverage_vs_beta_figure([1.0], [0.9], [1.1], [0.63], ["a", "b"])
 
 
 def test_large_inputs_are_subsampled_quickly():

@@ -6,10 +6,14 @@ nothing is registered with a GUI backend or leaks into global state; render it w
 
 Figures (residual = prediction - truth, years):
 
-* :func:`qq_plot` -- residual quantiles against a fitted normal and a fitted Laplace;
-* :func:`residual_histogram` -- histogram with both maximum-likelihood densities;
+* :func:`qq_plot` -- residual quantiles against a fitted normal, Laplace and generalized
+  normal (GN, the fitted shape beta);
+* :func:`residual_histogram` -- histogram with the three maximum-likelihood densities;
 * :func:`cs_curve_plot` -- observed cumulative score CS(k) vs the curves predicted from the
-  MAE (normal, Laplace) and from N(bias, sd);
+  MAE (normal, Laplace, GN of the fitted beta), from N(bias, sd), and the GN curve centred
+  on the fitted location when the bias moves it;
+* :func:`coverage_vs_beta_figure` -- across runs: observed share within the MAE against the
+  fitted beta, with the theoretical curve and the normal / Laplace points;
 * :func:`residual_vs_age` -- residual against true age, binned means and the conformal band;
 * :func:`pred_vs_true` -- predicted against true age with the identity line;
 * :func:`first_layer_filters` -- a grid of first-layer convolution kernels from a numpy
@@ -26,13 +30,21 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from scipy import special, stats
 
 from agelab.metrics import ConformalInterval, Diagnostics
 from agelab.metrics.checks import check_pair, check_residuals, is_constant, quiet_ctx
-from agelab.metrics.coverage import share_within, theory_models
+from agelab.metrics.coverage import (
+    LAPLACE_CS_AT_MAE,
+    NORMAL_CS_AT_MAE,
+    share_within,
+    theory_models,
+)
+from agelab.metrics.gennorm import GennormFit, coverage_at_mae_for_beta, fit_gennorm
 
 __all__ = [
+    "coverage_vs_beta_figure",
     "cs_curve_plot",
     "figures_for",
     "first_layer_filters",
@@ -48,7 +60,13 @@ COLORS = {
     "normal": "tab:blue",
     "laplace": "tab:red",
     "normal_fit": "tab:green",
+    "gennorm": "tab:purple",
+    "gennorm_centred": "tab:purple",
 }
+#: A GN curve centred on the fitted location is drawn when it differs from the zero-centred
+#: one by more than this anywhere (for beta in [1, 2] a bias below a fifth of the MAE moves
+#: it by less: 0.014 at beta = 1, 0.003 at 1.5, measured at n = 50,000).
+CENTRED_SHOWN = 0.01
 DPI = 100
 PAD_COLOR = "#cfe0f3"  # pale blue between grey filter tiles (not a grey level)
 
@@ -68,27 +86,41 @@ def _fits(e: np.ndarray) -> tuple[float, float, float, float]:
     return float(e.mean()), float(e.std()), med, float(np.mean(np.abs(e - med)))
 
 
-def qq_plot(residuals: object, *, max_points: int = 2000) -> Figure:
-    """Two panels: residual quantiles vs the fitted normal and vs the fitted Laplace.
+def _shape(e: np.ndarray, shape: GennormFit | None) -> GennormFit:
+    return shape if shape is not None else fit_gennorm(e)
+
+
+def qq_plot(
+    residuals: object, *, max_points: int = 2000, shape: GennormFit | None = None
+) -> Figure:
+    """Residual quantiles vs the fitted normal, the fitted Laplace and (when there is a fit,
+    n >= 20) the fitted generalized normal: one panel each.
 
     For large samples ``max_points`` evenly spaced quantiles are drawn instead of every point.
+    ``shape``: the GN fit of these residuals (fitted here if not given).
     """
     e = check_residuals(residuals)
     mu, sd, med, b = _fits(e)
+    gn = _shape(e, shape)
     m = min(e.size, max_points)
     probs = (np.arange(1, m + 1) - 0.5) / m
     sample_q = np.quantile(e, probs) if m < e.size else np.sort(e)
     theo = {
-        "normal": mu + sd * special.ndtri(probs),
-        "Laplace": stats.laplace.ppf(probs, med, b) if b > 0 else np.full(m, med),
+        "normal": (mu + sd * special.ndtri(probs), COLORS["normal"]),
+        "Laplace": (
+            stats.laplace.ppf(probs, med, b) if b > 0 else np.full(m, med),
+            COLORS["laplace"],
+        ),
     }
-    fig = Figure(figsize=(9, 4.2), layout="constrained")
-    axes = fig.subplots(1, 2)
-    for ax, (name, q) in zip(axes, theo.items(), strict=True):
-        color = COLORS["normal"] if name == "normal" else COLORS["laplace"]
+    if gn.ok:
+        q = stats.gennorm.ppf(probs, gn.beta, gn.location, gn.scale)
+        theo[f"GN (β = {gn.beta:.2f})"] = (q, COLORS["gennorm"])
+    fig = Figure(figsize=(4.5 * len(theo), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(theo))
+    for ax, (name, (q, color)) in zip(axes, theo.items(), strict=True):
         ax.plot(q, sample_q, ".", ms=3, color=color, label="residual quantiles")
         ax.axline((med, med), slope=1.0, color="grey", lw=1, ls="--", label="y = x")
-        ax.set_xlabel(f"fitted {name} quantile (years)")
+        ax.set_xlabel(f"fitted {name.split(' (')[0]} quantile (years)")
         ax.set_ylabel("residual quantile (years)")
         ax.set_title(f"Q-Q vs {name}")
         ax.grid(alpha=0.3)
@@ -97,8 +129,11 @@ def qq_plot(residuals: object, *, max_points: int = 2000) -> Figure:
     return fig
 
 
-def residual_histogram(residuals: object, *, max_bins: int = 100) -> Figure:
-    """Residual histogram (density) with the ML normal and Laplace densities overlaid.
+def residual_histogram(
+    residuals: object, *, max_bins: int = 100, shape: GennormFit | None = None
+) -> Figure:
+    """Residual histogram (density) with the ML normal, Laplace and generalized-normal
+    densities overlaid (the last when there is a fit, n >= 20).
 
     The x-range is the central 99.8 % of residuals (extreme outliers would squash the plot);
     the density is still normalised by the full sample size.
@@ -121,19 +156,7 @@ def residual_histogram(residuals: object, *, max_bins: int = 100) -> Figure:
     label = "residuals" + (f" ({outside} outside the plotted range)" if outside else "")
     ax.stairs(density, edges, fill=True, color="0.75", label=label)
     if sd > 0 and b > 0:
-        x = np.linspace(edges[0], edges[-1], 400)
-        ax.plot(
-            x,
-            stats.norm.pdf(x, mu, sd),
-            color=COLORS["normal"],
-            label=f"normal fit (mean {mu:.2f}, sd {sd:.2f})",
-        )
-        ax.plot(
-            x,
-            stats.laplace.pdf(x, med, b),
-            color=COLORS["laplace"],
-            label=f"Laplace fit (median {med:.2f}, b {b:.2f})",
-        )
+        _densities(ax, np.linspace(edges[0], edges[-1], 400), (mu, sd, med, b), _shape(e, shape))
     else:
         ax.set_title("constant residuals: no density fit", fontsize=9)
     ax.set_xlabel("residual = prediction - truth (years)")
@@ -144,38 +167,54 @@ def residual_histogram(residuals: object, *, max_bins: int = 100) -> Figure:
     return fig
 
 
-def cs_curve_plot(residuals: object, *, k_max: int = 15) -> Figure:
-    """Observed CS(k) = share with |residual| <= k vs the curves predicted by the models."""
+def _densities(ax, x: np.ndarray, fits: tuple[float, ...], gn: GennormFit) -> None:
+    mu, sd, med, b = fits
+    label = f"normal fit (mean {mu:.2f}, sd {sd:.2f})"
+    ax.plot(x, stats.norm.pdf(x, mu, sd), color=COLORS["normal"], label=label)
+    label = f"Laplace fit (median {med:.2f}, b {b:.2f})"
+    ax.plot(x, stats.laplace.pdf(x, med, b), color=COLORS["laplace"], label=label)
+    if gn.ok:
+        label = f"GN fit (β {gn.beta:.2f}, location {gn.location:.2f})"
+        y = stats.gennorm.pdf(x, gn.beta, gn.location, gn.scale)
+        ax.plot(x, y, color=COLORS["gennorm"], ls="--", label=label)
+
+
+_CURVE_LABELS = {
+    "normal": "normal from MAE",
+    "laplace": "Laplace from MAE",
+    "normal_fit": "N(bias, sd) fit",
+    "gennorm": "GN from MAE, β {beta:.2f}",
+    "gennorm_centred": "GN centred on {loc:+.2f} y",
+}
+_CURVE_STYLES = {"normal_fit": ":", "gennorm": "--", "gennorm_centred": "-."}
+
+
+def cs_curve_plot(residuals: object, *, k_max: int = 15, shape: GennormFit | None = None) -> Figure:
+    """Observed CS(k) = share with |residual| <= k vs the curves the models predict: from the
+    MAE (normal, Laplace, GN of the fitted beta), N(bias, sd), and the GN centred on the
+    fitted location when the bias moves that curve by more than ``CENTRED_SHOWN``."""
     e = check_residuals(residuals)
     abs_sorted = np.sort(np.abs(e))
     mae = float(abs_sorted.mean())
     k = np.linspace(0.0, float(k_max), 601)
     k = np.union1d(k, abs_sorted[abs_sorted <= k_max])  # exact steps of the observed curve
-    models = theory_models(e)
+    gn = _shape(e, shape)
+    models = theory_models(e, gn)
+    curves = {name: models[name].cdf(k) for name in _CURVE_LABELS}
+    if not gn.ok:
+        del curves["gennorm"], curves["gennorm_centred"]
+    elif np.max(np.abs(curves["gennorm_centred"] - curves["gennorm"])) <= CENTRED_SHOWN:
+        del curves["gennorm_centred"]
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
-    ax.step(
-        k,
-        share_within(abs_sorted, k),
-        where="post",
-        color=COLORS["observed"],
-        lw=1.8,
-        label=f"observed (at MAE: {share_within(abs_sorted, mae):.3f})",
-    )
-    labels = {
-        "normal": "normal from MAE",
-        "laplace": "Laplace from MAE",
-        "normal_fit": "N(bias, sd) fit",
-    }
-    for name, model in models.items():
-        ax.plot(
-            k,
-            model.cdf(k),
-            color=COLORS[name],
-            lw=1.2,
-            ls="-" if name != "normal_fit" else ":",
-            label=f"{labels[name]} (at MAE: {float(model.cdf(mae)):.3f})",
-        )
+    observed = share_within(abs_sorted, k)
+    label = f"observed (at MAE: {share_within(abs_sorted, mae):.3f})"
+    ax.step(k, observed, where="post", color=COLORS["observed"], lw=1.8, label=label)
+    for name, y in curves.items():
+        text = _CURVE_LABELS[name].format(beta=gn.beta, loc=gn.location)
+        at_mae = float(models[name].cdf(mae))
+        style = _CURVE_STYLES.get(name, "-")
+        ax.plot(k, y, color=COLORS[name], lw=1.2, ls=style, label=f"{text} (at MAE: {at_mae:.3f})")
     ax.axvline(mae, color="grey", lw=1, ls="--")
     ax.annotate(f"MAE = {mae:.2f}", (mae, 0.02), fontsize=8, color="grey", ha="left")
     ax.set_xlim(0, k_max)
@@ -312,6 +351,91 @@ def first_layer_filters(
     return fig
 
 
+def _beta_arrays(*arrays: object) -> list[np.ndarray]:
+    out = [np.asarray(a, dtype=float).reshape(-1) for a in arrays]
+    if len({a.size for a in out}) != 1:
+        sizes = ", ".join(str(a.size) for a in out)
+        raise ValueError(f"beta, beta_low, beta_high and coverage differ in length ({sizes})")
+    return out
+
+
+def _draw_runs(ax, values: tuple[np.ndarray, ...], groups: np.ndarray, keep: np.ndarray) -> None:
+    """One colour per label: points at (beta, coverage) with beta's interval as an x bar."""
+    beta, low, high, cov = values
+    cmap = matplotlib.colormaps["tab10"]
+    for i, name in enumerate(dict.fromkeys(groups[keep])):
+        sel = keep & (groups == name)
+        err = np.abs(np.vstack([beta[sel] - low[sel], high[sel] - beta[sel]]))
+        ax.errorbar(
+            beta[sel],
+            cov[sel],
+            xerr=np.where(np.isfinite(err), err, 0.0),
+            fmt="o",
+            ms=4,
+            lw=0.8,
+            capsize=2,
+            color=cmap(i % 10),
+            alpha=0.8,
+            label=f"{name} ({int(sel.sum())})",
+        )
+
+
+def _mark_story_points(ax) -> None:
+    """The rule of thumb's two points: normal errors 57.5 %, Laplace errors 63.2 %."""
+    points = (
+        (2.0, NORMAL_CS_AT_MAE, "normal", COLORS["normal"]),
+        (1.0, LAPLACE_CS_AT_MAE, "Laplace", COLORS["laplace"]),
+    )
+    for x, y, name, color in points:
+        ax.plot([x], [y], marker="*", ms=14, color=color, mec="black", mew=0.6, ls="none")
+        text = f"{name}: β = {x:g}, {y:.1%}"
+        ax.annotate(
+            text, (x, y), xytext=(8, 6), textcoords="offset points", fontsize=8, color=color
+        )
+
+
+def coverage_vs_beta_figure(
+    beta: np.ndarray,
+    beta_low: np.ndarray,
+    beta_high: np.ndarray,
+    coverage: np.ndarray,
+    labels: list[str] | None = None,
+) -> Figure:
+    """Across runs: observed share within the MAE against the fitted shape beta (with its
+    interval as a horizontal bar), the curve centred GN errors predict
+    (:func:`~agelab.metrics.coverage_at_mae_for_beta`) and the normal (beta = 2, 57.5 %) and
+    Laplace (beta = 1, 63.2 %) points marked. ``labels`` (one per run, e.g. the shape label)
+    colour the points. Runs with a NaN beta or coverage are left out (counted in the title).
+    """
+    beta, low, high, cov = _beta_arrays(beta, beta_low, beta_high, coverage)
+    if labels is not None and len(labels) != beta.size:
+        raise ValueError(f"labels has {len(labels)} entries for {beta.size} runs")
+    keep = np.isfinite(beta) & np.isfinite(cov)
+    lo_x = min(0.5, float(np.min(low[keep & np.isfinite(low)], initial=0.5)) * 0.9)
+    hi_x = max(3.0, float(np.max(high[keep & np.isfinite(high)], initial=3.0)) * 1.1)
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = fig.subplots()
+    grid = np.geomspace(lo_x, hi_x, 400)
+    curve_label = "centred GN errors: P(|e| <= MAE)"
+    ax.plot(grid, coverage_at_mae_for_beta(grid), color="0.3", lw=1.2, label=curve_label)
+    groups = ["runs"] * beta.size if labels is None else [str(v) for v in labels]
+    _draw_runs(ax, (beta, low, high, cov), np.array(groups), keep)
+    _mark_story_points(ax)
+    ax.set_xscale("log")
+    ticks = [t for t in (0.5, 0.7, 1, 1.5, 2, 3, 5, 10, 20) if lo_x <= t <= hi_x]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())  # no "6x10^-1" labels
+    ax.set_xlim(lo_x, hi_x)
+    ax.set_xlabel("fitted shape β (95 % interval): < 1 heavier tails, 1 Laplace, 2 normal")
+    ax.set_ylabel("observed share within the MAE")
+    left_out = int((~keep).sum())
+    extra = f" ({left_out} run(s) without a fit left out)" if left_out else ""
+    ax.set_title(f"Coverage at the MAE vs residual shape{extra}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3, which="both")
+    return fig
+
+
 def figures_for(
     diagnostics: Diagnostics,
     y_true: object,
@@ -334,10 +458,11 @@ def figures_for(
             min(diagnostics.conformal, key=lambda lv: abs(lv - conformal_level))
         ]
     with quiet_ctx():  # scipy ppf/pdf at the extremes must not warn
+        shape = diagnostics.shape if diagnostics.shape is not None else fit_gennorm(e, seed)
         figs = {
-            "qq": qq_plot(e),
-            "residual_hist": residual_histogram(e),
-            "cs_curve": cs_curve_plot(e, k_max=diagnostics.k_max),
+            "qq": qq_plot(e, shape=shape),
+            "residual_hist": residual_histogram(e, shape=shape),
+            "cs_curve": cs_curve_plot(e, k_max=diagnostics.k_max, shape=shape),
             "residual_vs_age": residual_vs_age(t, p, conformal=conformal, seed=seed),
             "pred_vs_true": pred_vs_true(t, p, seed=seed),
         }

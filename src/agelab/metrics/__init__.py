@@ -8,7 +8,10 @@ Its modules:
                    ``METRIC_DOCS`` / :func:`metric_names` (every scalar, documented)
 :mod:`.point`      MAE, RMSE, bias, R^2, …
 :mod:`.coverage`   CS(k) observed and predicted from the MAE; ``NORMAL_CS_AT_MAE`` …
-:mod:`.shape`      normality tests, normal/Laplace fits, the verdict, heteroscedasticity
+:mod:`.gennorm`    the generalized-normal fit (shape beta with profile intervals), dequantizing,
+                   :func:`coverage_at_mae_for_beta`
+:mod:`.shape`      normality tests, normal/Laplace/GN fits, heteroscedasticity
+:mod:`.verdict`    the shape label: rules, symmetry test, tail check
 :mod:`.bands`      age bands and the per-band error table
 :mod:`.conformal`  split-conformal intervals, global and per predicted-age band
 :mod:`.checks`     ``MetricSet``, input validation, quiet numerics
@@ -27,43 +30,42 @@ Cumulative score (coverage) curve
     score"). "Years needed for p coverage" is the smallest k with CS(k) >= p, i.e. the
     inverted-CDF empirical quantile of ``|e|``.
 
-Coverage predicted from the MAE alone (both models assume residuals centred on 0)
+Coverage predicted from the MAE alone (centred on 0)
     * normal residuals ``e ~ N(0, s)``: E|e| = s*sqrt(2/pi), so s = MAE*sqrt(pi/2) and
       CS(k) = 2*Phi(k/s) - 1. At k = MAE this is 2*Phi(sqrt(2/pi)) - 1 = erf(1/sqrt(pi))
       = 0.5751 whatever the MAE (the half-normal distribution, Johnson, Kotz & Balakrishnan,
       *Continuous Univariate Distributions* vol. 1, ch. 13).
     * Laplace residuals ``e ~ Laplace(0, b)``: E|e| = b, so b = MAE and |e| is exponential
       with mean b: CS(k) = 1 - exp(-k/b); CS(MAE) = 1 - 1/e = 0.6321.
+    * generalized normal ``e ~ GN(0, a, beta)`` with the run's fitted beta: |e/a|^beta is
+      Gamma(1/beta), E|e| = a*Gamma(2/beta)/Gamma(1/beta), so a = MAE*Gamma(1/beta)/Gamma(2/beta)
+      and CS(k) = P(1/beta, (k/a)^beta) (regularized incomplete gamma); CS(MAE) =
+      P(1/beta, (Gamma(2/beta)/Gamma(1/beta))^beta), a function of beta alone
+      (:func:`coverage_at_mae_for_beta`: 0.5751 at 2, 0.6321 at 1, 0.7022 at 0.5).
     * "normal fit": ``e ~ N(bias, sd)`` with the sample bias and standard deviation, so
       CS(k) = Phi((k - bias)/sd) - Phi((-k - bias)/sd).
+    * ``*_centred``: the same three shapes centred on their fitted location (mean, median,
+      GN location) with the scale from the mean |e - location|; CS(k) = F(k) - F(-k).
     The gap of a theory curve is the Kolmogorov-Smirnov distance sup_k |CS_obs(k) - CS(k)|
     over all k >= 0, computed exactly at the jumps of the observed step function.
 
 Normality diagnostics
     Moment skewness and excess kurtosis; Shapiro-Wilk (on a seeded subsample of at most 5,000
     points, the range where its p-value is accurate); D'Agostino-Pearson K^2 (n >= 8);
-    Anderson-Darling A^2 for the normal with estimated mean and sd, with the 5 % critical value
-    0.787 / (1 + 4/n - 25/n^2) (Stephens 1974; D'Agostino & Stephens 1986, table 4.7 -- the
-    values scipy tabulates); Jarque-Bera; Lilliefors (KS with estimated parameters,
-    statsmodels). Maximum-likelihood fits: normal (mean, sd with ddof=0) and Laplace (median,
-    mean absolute deviation from the median), with log-likelihoods and the AIC difference
-    (both models have two parameters, so AIC_normal - AIC_laplace = 2*(ll_laplace - ll_normal)).
+    Anderson-Darling A^2 for the normal with estimated mean and sd, its 5 % critical value
+    from ``scipy.stats.anderson`` and its p-value from statsmodels ``normal_ad``; Jarque-Bera;
+    Lilliefors (KS with estimated parameters, statsmodels). Maximum-likelihood fits: normal
+    (mean, sd with ddof=0), Laplace (median, mean absolute deviation from the median) and
+    generalized normal (:mod:`.gennorm`), with log-likelihoods and the AIC difference normal -
+    Laplace (both have two parameters, so it is 2*(ll_laplace - ll_normal)). Residuals on a
+    lattice (integer ages) are dequantized with seeded uniform jitter of one step first.
 
-Verdict (a string, see :func:`normality`)
-    1. Fewer than 20 residuals or (numerically) constant residuals: ``undetermined``.
-    2. The model with the lower AIC is the candidate.
-    3. Body check: the KS distance between the residuals and the fitted candidate must be at
-       most ``max(0.03, 1.07/sqrt(n))``. 1.07/sqrt(n) is about the 1 % critical value of a
-       KS test with estimated parameters (Lilliefors' table gives 1.031/sqrt(n) for the
-       normal; Monte Carlo gives about 1.07/sqrt(n) for the Laplace fit used here); 0.03 is a
-       practical tolerance (3 percentage points on the CDF) so that huge samples are not
-       failed for irrelevant misfit.
-    4. Tail check: the share of residuals outside the candidate's central 99 % interval must
-       not be both more than twice the nominal 1 % and significantly above it (one-sided
-       binomial p < 0.01).
-    Passing both gives ``normal`` or ``laplace``; failing either gives ``heavy-tailed``,
-    which means "neither model describes the residuals" -- usually outliers / tails heavier
-    than Laplace, but also skew or light tails; ``verdict_reason`` says which.
+Shape label (a string, rules in :mod:`.verdict`)
+    ``undetermined`` (n < 20 or constant), ``skewed (right|left)`` (significant and large
+    quantile skewness), ``heavier than laplace`` (too many misses beyond a Laplace's 99.9 %
+    interval, or beta's 99 % interval below 1), else from beta's 99 % interval: ``lighter than
+    normal`` (> 2), ``normal`` (holds 2, not 1), ``between normal and laplace`` (inside
+    (1, 2)), ``laplace`` (holds 1, not 2), ``undetermined`` (holds both).
 
 Heteroscedasticity
     Breusch-Pagan in Koenker's studentised form: n*R^2 of the auxiliary OLS regression of e^2
@@ -100,26 +102,20 @@ from agelab.metrics.coverage import (
     cs_curve,
 )
 from agelab.metrics.evaluate import METRIC_DOCS, Diagnostics, evaluate, metric_names
+from agelab.metrics.gennorm import GennormFit, coverage_at_mae_for_beta, fit_gennorm
 from agelab.metrics.point import point_metrics
 from agelab.metrics.shape import (
-    ANDERSON_CRIT_5_ASYMPTOTIC,
     ANDERSON_MIN_N,
     DAGOSTINO_MIN_N,
     LILLIEFORS_MIN_N,
     SHAPIRO_MAX_N,
-    VERDICT_CODES,
-    VERDICT_KS_C,
-    VERDICT_KS_TOLERANCE,
-    VERDICT_MIN_N,
     VERDICT_TAIL_LEVEL,
-    VERDICT_TAIL_MAX_RATIO,
-    VERDICT_TAIL_P,
     NormalityResult,
     normality,
 )
+from agelab.metrics.verdict import VERDICT_CODES, VERDICT_MIN_N, label_rows
 
 __all__ = [
-    "ANDERSON_CRIT_5_ASYMPTOTIC",
     "ANDERSON_MIN_N",
     "COVERAGE_KS",
     "DAGOSTINO_MIN_N",
@@ -133,24 +129,24 @@ __all__ = [
     "SHAPIRO_MAX_N",
     "TOL",
     "VERDICT_CODES",
-    "VERDICT_KS_C",
-    "VERDICT_KS_TOLERANCE",
     "VERDICT_MIN_N",
     "VERDICT_TAIL_LEVEL",
-    "VERDICT_TAIL_MAX_RATIO",
-    "VERDICT_TAIL_P",
     "YEARS_FOR",
     "ConformalInterval",
     "Diagnostics",
+    "GennormFit",
     "MetricSet",
     "NormalityResult",
     "age_band_table",
     "conformal_intervals",
     "conformal_quantile",
+    "coverage_at_mae_for_beta",
     "coverage_summary",
     "cs_curve",
     "decade_edges",
     "evaluate",
+    "fit_gennorm",
+    "label_rows",
     "metric_names",
     "normality",
     "point_metrics",

@@ -26,6 +26,7 @@ from agelab.metrics.conformal import (
     conformal_intervals,
 )
 from agelab.metrics.coverage import COVERAGE_DOCS, coverage_summary, cs_curve
+from agelab.metrics.gennorm import GennormFit, fit_gennorm
 from agelab.metrics.point import POINT_DOCS, point_metrics
 from agelab.metrics.shape import SHAPE_DOCS, normality
 
@@ -61,6 +62,7 @@ class Diagnostics:
     conformal: dict[float, ConformalInterval]
     notes: dict[str, str] = field(default_factory=dict)
     k_max: int = 15
+    shape: GennormFit | None = None  # the generalized-normal fit behind shape_* (for figures)
 
     def summary(self) -> str:
         """A few human-readable lines (for logs / CLI)."""
@@ -70,7 +72,8 @@ class Diagnostics:
             f"bias {s['bias']:+.2f} y",
             f"within MAE: {s['coverage_at_mae']:.1%} observed vs {s['coverage_at_mae_normal']:.1%}"
             f" normal / {s['coverage_at_mae_laplace']:.1%} Laplace theory",
-            f"90% of errors within {s['years_for_90']:.2f} y;  shape verdict: {self.verdict}",
+            f"90% of errors within {s['years_for_90']:.2f} y;  shape verdict: {self.verdict}"
+            + self._beta_words(),
         ]
         for level, ci in self.conformal.items():
             p = pct(level)
@@ -79,6 +82,15 @@ class Diagnostics:
                 f"conformal {p}%: +-{ci.q:.2f} y, test coverage {cov:.1%} (banded {cov_band:.1%})"
             )
         return "\n".join(lines)
+
+    def _beta_words(self) -> str:
+        s = self.scalars
+        if math.isnan(s["shape_beta"]):
+            return ""
+        return (
+            f" (beta {s['shape_beta']:.2f}, 95% {s['shape_beta_low']:.2f}-"
+            f"{s['shape_beta_high']:.2f}: {s['coverage_at_mae_gennorm']:.1%} within the MAE)"
+        )
 
 
 @quiet
@@ -100,7 +112,8 @@ def evaluate(
     ``k_max``: last k of the CS curve table. ``age_bands``: band edges in years for the
     per-band table (by true age) and the banded conformal intervals (by predicted age);
     default decades. ``conformal_levels``, ``min_band_calib``, ``sparse_bands``: see
-    :func:`~agelab.metrics.conformal_intervals`. ``seed``: the Shapiro-Wilk subsample.
+    :func:`~agelab.metrics.conformal_intervals`. ``seed``: the Shapiro-Wilk subsample and the
+    jitter that dequantizes residuals on a lattice (integer ages).
     Raises ``ValueError`` naming the argument for invalid input (see the package docstring).
     """
     if sparse_bands not in ("merge", "global"):
@@ -111,10 +124,11 @@ def evaluate(
     edges = None if age_bands is None else check_edges(age_bands)
     _check_calib_pair(y_true_calib, y_pred_calib)
     e = p - t
+    shape = fit_gennorm(e, seed)  # once: coverage and shape both use it
     scalars = MetricSet()
     scalars.merge(point_metrics(t, p))
-    scalars.merge(coverage_summary(e))
-    norm = normality(e, t, seed=seed)
+    scalars.merge(coverage_summary(e, shape=shape))
+    norm = normality(e, t, seed=seed, shape=shape)
     scalars.merge(norm.scalars)
     conformal: dict[float, ConformalInterval] = {}
     if y_true_calib is None:
@@ -136,11 +150,12 @@ def evaluate(
         scalars={k: float(v) for k, v in scalars.items()},
         verdict=norm.verdict,
         verdict_reason=norm.verdict_reason,
-        cs_curve=cs_curve(e, k_max),
+        cs_curve=cs_curve(e, k_max, shape=shape),
         bands=age_band_table(t, p, edges),
         conformal=conformal,
         notes=_notes_for_nans(scalars),
         k_max=k_max,
+        shape=shape,
     )
 
 

@@ -1,13 +1,13 @@
-"""Residual shape: normality tests, maximum-likelihood fits, the verdict, heteroscedasticity.
+"""Residual shape: normality tests, maximum-likelihood fits, the label, heteroscedasticity.
 
-:func:`normality` returns the scalars below plus a verdict string (see the package docstring
-for the rule). The verdict's candidates are the fits in :data:`SHAPE_FITS`; each is a
-function ``residuals → ShapeFit`` (log-likelihood, CDF, centre and the half-width of its
-central 99 % interval) and gets the same checks: the lowest AIC is the candidate, then its
-KS distance (body) and its share beyond the 99 % interval (tails) must pass. A new fit
-(a generalized normal, say) is one such function, its entry in ``SHAPE_FITS`` and its
-``loglik_``/``ks_``/``tail_ratio_`` names in ``_STAT_DOCS`` (which :data:`SHAPE_NAMES`
-and :data:`SHAPE_DOCS` are made from).
+:func:`normality` returns the scalars below plus a label (rules: :mod:`.verdict`). The
+fits in :data:`SHAPE_FITS` (normal, Laplace, generalized normal) each give a ``ShapeFit``
+(log-likelihood, CDF, centre and the half-width of its central 99 % interval), reported as
+``loglik_``/``ks_..._fit``/``tail_ratio_`` scalars; a new fit is one function
+``(residuals, gennorm fit) -> ShapeFit``, its entry in ``SHAPE_FITS`` and its three names in
+``_STAT_DOCS``. Residuals on a lattice (integer predictions and labels) are dequantized first
+(:func:`~agelab.metrics.gennorm.dequantize`), so no test or distance rejects a shape only
+because ages are integers; ``shape_lattice_step`` says when that happened.
 """
 
 from __future__ import annotations
@@ -20,25 +20,21 @@ import numpy as np
 from scipy import special, stats
 
 from agelab.metrics.checks import MetricSet, as_1d, check_residuals, is_constant, quiet
+from agelab.metrics.gennorm import GennormFit, dequantize, gn_cdf
+from agelab.metrics.gennorm import fit_gennorm as gennorm_fit
+from agelab.metrics.verdict import (
+    UNDETERMINED,
+    VERDICT_CODES,
+    decide,
+    laplace_tail,
+    quantile_skewness,
+)
 
 SHAPIRO_MAX_N = 5000
 DAGOSTINO_MIN_N = 8
 ANDERSON_MIN_N = 8
 LILLIEFORS_MIN_N = 4
-VERDICT_MIN_N = 20
-VERDICT_KS_TOLERANCE = 0.03
-VERDICT_KS_C = 1.07
-VERDICT_TAIL_LEVEL = 0.99
-VERDICT_TAIL_MAX_RATIO = 2.0
-VERDICT_TAIL_P = 0.01
-ANDERSON_CRIT_5_ASYMPTOTIC = 0.787
-
-VERDICT_CODES: dict[str, float] = {
-    "normal": 0.0,
-    "laplace": 1.0,
-    "heavy-tailed": 2.0,
-    "undetermined": math.nan,
-}
+VERDICT_TAIL_LEVEL = 0.99  # the central interval of the tail_ratio_<fit> scalars
 
 _STAT_DOCS: dict[str, str] = {
     "skewness": "moment skewness of the residuals (0 for symmetric)",
@@ -47,23 +43,41 @@ _STAT_DOCS: dict[str, str] = {
     "shapiro_p": "Shapiro-Wilk p-value (small = not normal)",
     "dagostino_stat": "D'Agostino-Pearson K^2 (skewness + kurtosis test, n >= 8)",
     "dagostino_p": "D'Agostino-Pearson p-value",
-    "anderson_stat": "Anderson-Darling A^2 against the fitted normal",
-    "anderson_crit_5": "5% critical value for anderson_stat (reject normality if exceeded)",
+    "anderson_stat": "Anderson-Darling A^2 against the fitted normal (scipy.stats.anderson)",
+    "anderson_crit_5": "scipy's 5% critical value for anderson_stat (reject normality above)",
+    "anderson_p": "Anderson-Darling p-value (statsmodels normal_ad, Stephens' formulas)",
     "jarque_bera_stat": "Jarque-Bera statistic",
     "jarque_bera_p": "Jarque-Bera p-value",
     "lilliefors_stat": "Lilliefors KS distance to the normal with estimated mean/sd",
     "lilliefors_p": "Lilliefors p-value (tabulated)",
-    "ks_normal_fit": "KS distance between residuals and the ML normal fit (verdict body check)",
-    "ks_laplace_fit": "KS distance between residuals and the ML Laplace fit (verdict body check)",
+    "ks_normal_fit": "KS distance between residuals and the ML normal fit",
+    "ks_laplace_fit": "KS distance between residuals and the ML Laplace fit",
+    "ks_gennorm_fit": "KS distance between residuals and the ML generalized normal fit",
     "tail_ratio_normal": "share outside the fitted normal's central 99% interval / 1%",
     "tail_ratio_laplace": "share outside the fitted Laplace's central 99% interval / 1%",
+    "tail_ratio_gennorm": "share outside the fitted generalized normal's central 99% interval / 1%",
     "loglik_normal": "maximised log-likelihood of a normal (mean, sd MLE)",
     "loglik_laplace": "maximised log-likelihood of a Laplace (median, mean abs deviation)",
+    "loglik_gennorm": "maximised log-likelihood of a generalized normal (location, scale, shape)",
     "aic_normal_minus_laplace": "AIC_normal - AIC_laplace; > 0 favours Laplace",
+    "shape_beta": "generalized-normal shape beta (2 normal, 1 Laplace, < 1 heavier tails)",
+    "shape_beta_low": "lower end of beta's 95% profile-likelihood interval",
+    "shape_beta_high": "upper end of beta's 95% profile-likelihood interval",
+    "shape_beta_low_99": "lower end of beta's 99% profile interval (the labels use it)",
+    "shape_beta_high_99": "upper end of beta's 99% profile interval (the labels use it)",
+    "shape_location": "generalized-normal location (years): the centre of the *_centred curves",
+    "shape_scale": "generalized-normal scale alpha (years)",
+    "quantile_skewness": "(Q90 + Q10 - 2*Q50) / (Q90 - Q10): 0 symmetric, > 0 longer right tail",
+    "symmetry_p": "p-value of the symmetry test on quantile_skewness (small = asymmetric)",
+    "tail_ratio_laplace_999": "share beyond the ML Laplace's central 99.9% interval / 0.1%",
+    "tail_p_laplace_999": "one-sided binomial p of that many residuals beyond it",
 }
 SHAPE_DOCS: dict[str, str] = {
     **_STAT_DOCS,
-    "verdict_code": "shape verdict: 0 normal, 1 laplace, 2 heavy-tailed (NaN: undetermined)",
+    "shape_lattice_step": "lattice step of the residuals (1 for integer ages), 0 if continuous",
+    "verdict_code": "shape label: 0 normal, 1 laplace, 2 heavier than laplace, 3 between "
+    "normal and laplace, 4 lighter than normal, 5 skewed (right), 6 skewed (left), "
+    "NaN undetermined",
     "bp_stat": "Breusch-Pagan LM (Koenker) of squared residual on true age",
     "bp_p": "Breusch-Pagan p-value (small = error size depends on age)",
     "hetero_slope": "OLS slope of |residual| on true age (years of error per year of age)",
@@ -87,9 +101,9 @@ class NormalityResult:
 
 @dataclass(frozen=True)
 class ShapeFit:
-    """A maximum-likelihood fit of the residuals: one candidate of the verdict."""
+    """A maximum-likelihood fit of the residuals, reported next to the others."""
 
-    name: str  # the verdict it gives, and the suffix of its metric names
+    name: str  # the suffix of its metric names
     n_params: int  # for the AIC
     loglik: float  # maximised log-likelihood
     cdf: Callable[[np.ndarray], np.ndarray]
@@ -105,7 +119,7 @@ class ShapeFit:
 #   normal:  -n/2 * (log(2*pi*sd^2) + 1)      Laplace: -n * (log(2*b) + 1)
 
 
-def fit_normal(e: np.ndarray) -> ShapeFit:
+def fit_normal(e: np.ndarray, gn: GennormFit | None = None) -> ShapeFit:
     """Normal: mean and sd (ddof=0)."""
     n = e.size
     mu, sd = float(e.mean()), float(e.std())
@@ -119,7 +133,7 @@ def fit_normal(e: np.ndarray) -> ShapeFit:
     )
 
 
-def fit_laplace(e: np.ndarray) -> ShapeFit:
+def fit_laplace(e: np.ndarray, gn: GennormFit | None = None) -> ShapeFit:
     """Laplace: median and mean absolute deviation from the median."""
     n = e.size
     med = float(np.median(e))
@@ -134,8 +148,28 @@ def fit_laplace(e: np.ndarray) -> ShapeFit:
     )
 
 
-#: The verdict's candidates, in order of preference on equal AIC.
-SHAPE_FITS: tuple[Callable[[np.ndarray], ShapeFit], ...] = (fit_normal, fit_laplace)
+def fit_gennorm(e: np.ndarray, gn: GennormFit | None = None) -> ShapeFit:
+    """Generalized normal: location, scale and shape (:mod:`.gennorm`; NaN if not fitted)."""
+    gn = gn if gn is not None else gennorm_fit(e, 0)
+    beta, alpha, mu = gn.beta, gn.scale, gn.location
+    # P(|X - mu| <= w) = P(1/beta, (w/alpha)^beta), so w = alpha * P^-1(1/beta, level)^(1/beta)
+    half = alpha * special.gammaincinv(1.0 / beta, VERDICT_TAIL_LEVEL) ** (1.0 / beta)
+    return ShapeFit(
+        name="gennorm",
+        n_params=3,
+        loglik=gn.loglik,
+        cdf=lambda x: gn_cdf(x, beta, alpha, mu),
+        centre=mu,
+        tail_half_width=float(half),
+    )
+
+
+#: The fits reported side by side (each gives loglik_/ks_..._fit/tail_ratio_ scalars).
+SHAPE_FITS: tuple[Callable[[np.ndarray, GennormFit | None], ShapeFit], ...] = (
+    fit_normal,
+    fit_laplace,
+    fit_gennorm,
+)
 
 
 def _ks_distance(x_sorted: np.ndarray, cdf_values: np.ndarray) -> float:
@@ -145,44 +179,57 @@ def _ks_distance(x_sorted: np.ndarray, cdf_values: np.ndarray) -> float:
     return float(max(np.max(i / n - cdf_values), np.max(cdf_values - (i - 1) / n)))
 
 
-def _tail(x: np.ndarray, centre: float, half_width: float) -> tuple[float, float]:
-    """(share outside centre +- half_width divided by the nominal 1 %, one-sided binomial p)."""
-    n = x.size
+def _tail_ratio(x: np.ndarray, centre: float, half_width: float) -> float:
+    """Share outside centre +- half_width divided by the nominal share."""
     outside = int(np.sum(np.abs(x - centre) > half_width))
-    nominal = 1.0 - VERDICT_TAIL_LEVEL
-    return outside / n / nominal, float(stats.binom.sf(outside - 1, n, nominal))
+    return outside / x.size / (1.0 - VERDICT_TAIL_LEVEL)
 
 
-def _fit_stats(e: np.ndarray, out: MetricSet) -> tuple[list[ShapeFit], dict[str, float]]:
-    """Fit every candidate; put log-likelihoods, the AIC difference, KS distances and tail
-    ratios into ``out``. Returns the fits and their tail-check binomial p-values."""
-    fits = [fit(e) for fit in SHAPE_FITS]
-    for f in fits:
-        out.put(f"loglik_{f.name}", f.loglik)
-    # Both models have two parameters, so AIC_normal - AIC_laplace = 2*(ll_laplace - ll_normal).
-    out.put("aic_normal_minus_laplace", 2.0 * (out["loglik_laplace"] - out["loglik_normal"]))
+def _fit_stats(e: np.ndarray, gn: GennormFit, out: MetricSet) -> None:
+    """Log-likelihoods, the AIC difference, KS distances and tail ratios of every fit."""
+    fits = [fit(e, gn) for fit in SHAPE_FITS]
     x = np.sort(e)
     for f in fits:
+        if math.isnan(f.loglik):
+            names = [f"loglik_{f.name}", f"ks_{f.name}_fit", f"tail_ratio_{f.name}"]
+            out.nan(names, gn.note or "fit failed")
+            continue
+        out.put(f"loglik_{f.name}", f.loglik)
         out.put(f"ks_{f.name}_fit", _ks_distance(x, f.cdf(x)))
-    tail_p = {}
-    for f in fits:
-        ratio, p_tail = _tail(e, f.centre, f.tail_half_width)
-        out.put(f"tail_ratio_{f.name}", ratio)
-        tail_p[f.name] = p_tail
-    return fits, tail_p
+        out.put(f"tail_ratio_{f.name}", _tail_ratio(e, f.centre, f.tail_half_width))
+    # Both models have two parameters, so AIC_normal - AIC_laplace = 2*(ll_laplace - ll_normal).
+    out.put("aic_normal_minus_laplace", 2.0 * (out["loglik_laplace"] - out["loglik_normal"]))
+
+
+def _shape_stats(x: np.ndarray, gn: GennormFit, out: MetricSet) -> tuple[float, ...]:
+    """beta and its intervals, quantile skewness, the Laplace 99.9 % tail check."""
+    names = ("beta", "beta_low", "beta_high", "beta_low_99", "beta_high_99", "location")
+    for name in names:
+        out.put(f"shape_{name}", getattr(gn, name), gn.note)
+    out.put("shape_scale", gn.scale, gn.note)
+    skew, p_sym = (float(v[0]) for v in quantile_skewness(x))
+    ratio, p_tail = (float(v[0]) for v in laplace_tail(x))
+    out.put("quantile_skewness", skew)
+    out.put("symmetry_p", p_sym)
+    out.put("tail_ratio_laplace_999", ratio)
+    out.put("tail_p_laplace_999", p_tail)
+    return skew, p_sym, ratio, p_tail
 
 
 # ------------------------------------------------------------------------ normality tests
 
 
-def _anderson_normal(x: np.ndarray) -> float:
-    """Anderson-Darling A^2 against N(mean, sd ddof=1), as scipy.stats.anderson computes it."""
-    n = x.size
-    w = np.sort((x - x.mean()) / x.std(ddof=1))
-    i = np.arange(1, n + 1)
-    # ln Phi(w_i) + ln(1 - Phi(w_{n+1-i})), with log_ndtr for accuracy in the tails
-    terms = (2 * i - 1) * (special.log_ndtr(w) + special.log_ndtr(-w[::-1]))
-    return float(-n - terms.sum() / n)
+def _anderson(x: np.ndarray, out: MetricSet) -> None:
+    """A^2 and the 5 % critical value from scipy, the p-value from statsmodels."""
+    from statsmodels.stats.diagnostic import normal_ad
+
+    out.put("anderson_stat", stats.anderson(x, "norm", method="interpolate").statistic)
+    # scipy's own table (Stephens 1974, case 3); the method-less call is the one that
+    # returns it, its FutureWarning is silenced by @quiet
+    table = stats.anderson(x, "norm")
+    level = list(np.asarray(table.significance_level, dtype=float)).index(5.0)
+    out.put("anderson_crit_5", table.critical_values[level])
+    out.put("anderson_p", normal_ad(x)[1])
 
 
 def _shapiro(e: np.ndarray, out: MetricSet, seed: int) -> None:
@@ -211,10 +258,10 @@ def _normality_tests(e: np.ndarray, out: MetricSet, seed: int) -> None:
         out.put("dagostino_stat", k2)
         out.put("dagostino_p", p, note)
     if n < ANDERSON_MIN_N:
-        out.nan(["anderson_stat", "anderson_crit_5"], f"A-D critical values need n >= 8 (n={n})")
+        names = ["anderson_stat", "anderson_crit_5", "anderson_p"]
+        out.nan(names, f"A-D critical values need n >= 8 (n={n})")
     else:
-        out.put("anderson_stat", _anderson_normal(e))
-        out.put("anderson_crit_5", ANDERSON_CRIT_5_ASYMPTOTIC / (1.0 + 4.0 / n - 25.0 / n**2))
+        _anderson(e, out)
     jb = stats.jarque_bera(e)
     out.put("jarque_bera_stat", jb.statistic)
     out.put("jarque_bera_p", jb.pvalue)
@@ -228,61 +275,22 @@ def _normality_tests(e: np.ndarray, out: MetricSet, seed: int) -> None:
         out.put("lilliefors_p", p)
 
 
-# -------------------------------------------------------------------------------- verdict
-
-
-def _shape_words(skew: float, kurt: float) -> str:
-    words = []
-    if abs(skew) > 0.5:
-        words.append(f"skewed ({skew:+.2f})")
-    if kurt > 3.5:
-        words.append("tails heavier than Laplace")
-    elif kurt < -0.5:
-        words.append("tails lighter than normal")
-    desc = ", ".join(words) if words else "shape between the two models"
-    return f"{desc}; skewness {skew:.2f}, excess kurtosis {kurt:.2f} (normal 0, Laplace 3)"
-
-
-def _verdict(
-    n: int, s: MetricSet, fits: list[ShapeFit], tail_p: dict[str, float]
-) -> tuple[str, str]:
-    if not fits or any(math.isnan(f.loglik) for f in fits):
-        return "undetermined", "residuals are constant: no distribution shape to judge"
-    if n < VERDICT_MIN_N:
-        return "undetermined", f"too few residuals (n={n} < {VERDICT_MIN_N}) to tell shapes apart"
-    pick = min(fits, key=lambda f: f.aic).name  # ties: the earlier fit
-    d_aic = s["aic_normal_minus_laplace"]
-    ks = s[f"ks_{pick}_fit"]
-    ks_limit = max(VERDICT_KS_TOLERANCE, VERDICT_KS_C / math.sqrt(n))
-    ratio = s[f"tail_ratio_{pick}"]
-    tail_bad = ratio > VERDICT_TAIL_MAX_RATIO and tail_p[pick] < VERDICT_TAIL_P
-    head = (
-        f"AIC prefers {pick} (AIC normal - laplace = {d_aic:.1f}); {pick} fit: KS distance "
-        f"{ks:.3f} (limit {ks_limit:.3f}), {ratio:.2f}x the expected 1% beyond its 99% interval"
-    )
-    if ks <= ks_limit and not tail_bad:
-        return pick, f"{head} -> {pick}"
-    failed = []
-    if ks > ks_limit:
-        failed.append("body misfit (KS)")
-    if tail_bad:
-        failed.append("too many large errors")
-    shape = _shape_words(s["skewness"], s["excess_kurtosis"])
-    return (
-        "heavy-tailed",
-        f"{head} -> heavy-tailed: neither model fits ({' and '.join(failed)}; {shape})",
-    )
-
-
 # ---------------------------------------------------------------------------- top level
 
 
 @quiet
-def normality(residuals: object, y_true: object = None, *, seed: int = 0) -> NormalityResult:
-    """Shape diagnostics of the residuals, the normal-vs-Laplace verdict, heteroscedasticity.
+def normality(
+    residuals: object,
+    y_true: object = None,
+    *,
+    seed: int = 0,
+    shape: GennormFit | None = None,
+) -> NormalityResult:
+    """Shape diagnostics of the residuals, the shape label, heteroscedasticity.
 
     ``y_true`` (true ages, same length) enables the Breusch-Pagan test and ``hetero_slope``;
-    ``seed`` fixes the Shapiro-Wilk subsample.
+    ``seed`` fixes the Shapiro-Wilk subsample and the dequantizing jitter; ``shape`` is the
+    generalized-normal fit of these residuals if the caller has it (else it is fitted here).
     """
     e = check_residuals(residuals)
     n = e.size
@@ -292,15 +300,23 @@ def normality(residuals: object, y_true: object = None, *, seed: int = 0) -> Nor
         if t.size != n:
             raise ValueError(f"length mismatch: y_true has {t.size} values but residuals has {n}")
     out = MetricSet()
-    fits: list[ShapeFit] = []
-    tail_p: dict[str, float] = {}
+    x, step = dequantize(e, seed)
+    out.put("shape_lattice_step", step)
     if is_constant(e):
         out.nan(SHAPE_NAMES, "residuals are constant: distribution shape undefined")
+        verdict, reason = UNDETERMINED, "residuals are constant: no distribution shape to judge"
     else:
-        _normality_tests(e, out, seed)
-        fits, tail_p = _fit_stats(e, out)
-    verdict, reason = _verdict(n, out, fits, tail_p)
-    out.put("verdict_code", VERDICT_CODES[verdict], None if verdict != "undetermined" else reason)
+        if step > 0:
+            out.notes["shape_lattice_step"] = (
+                f"residuals lie on a {step:g}-year lattice: shape statistics use them with "
+                f"seeded uniform jitter of one step (seed {seed})"
+            )
+        gn = shape if shape is not None else gennorm_fit(e, seed)
+        _normality_tests(x, out, seed)
+        _fit_stats(x, gn, out)
+        verdict, reason = decide(gn, *_shape_stats(x, gn, out), n)
+    note = reason if verdict == UNDETERMINED else None
+    out.put("verdict_code", VERDICT_CODES[verdict], note)
     _heteroscedasticity(e, t, out)
     return NormalityResult(out, verdict, reason)
 
