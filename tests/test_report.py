@@ -9,6 +9,7 @@ Chromium.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -47,12 +48,17 @@ def planted_table(
     interaction: float = 0.0,
     noise: float = 0.3,
     space: dict | None = None,
+    calib_noise: float | None = 0.1,
+    seed_sd: float = 0.5,
 ) -> tuple[pd.DataFrame, Design]:
-    """Test MAE = 10 + planted effects + a per-seed offset + N(0, noise²) per run."""
+    """Test MAE = 10 + planted effects + a per-seed offset + N(0, noise²) per run; the
+    objective (best_calib_mae) is the run's test MAE + N(0, calib_noise²), as a model that is
+    good on one split is good on the other (None: no calib MAE logged)."""
     space = space or GRID
     rng = np.random.default_rng(seed)
+    calib_rng = np.random.default_rng([seed, 1])  # its own stream: test MAEs stay as they were
     design = Design.from_space(space, list(range(seeds)))
-    offsets = rng.normal(0, 0.5, seeds)  # shared by every run of a seed: pairing removes it
+    offsets = rng.normal(0, seed_sd, seeds)  # shared by every run of a seed: pairing removes it
     rows = []
     for combo in itertools.product(*space.values()):
         cell = dict(zip(space, combo, strict=True))
@@ -64,7 +70,10 @@ def planted_table(
                 mae += interaction
             cov = rng.normal(NORMAL_CS_AT_MAE, 0.01)
             rows.append(cell | {"seed": s, "mae": mae, "coverage_at_mae": cov, "verdict": "normal"})
-    return pd.DataFrame(rows), design
+    df = pd.DataFrame(rows)
+    if calib_noise is not None:
+        df["best_calib_mae"] = df["mae"] + calib_rng.normal(0, calib_noise, len(df))
+    return df, design
 
 
 def comparison(a, factor: str, b_level: str) -> pd.Series:
@@ -113,6 +122,8 @@ def test_planted_main_effect_is_recovered_with_sign_and_size(seed: int) -> None:
     # The planted norm effect is the only one: nothing else may be called significant.
     assert a.significant() == ["anova:norm", "norm:none-batch"]
     assert "act = tanh instead of relu: no detectable difference" in text
+    norm_sentence = next(v for v in a.verdict if v.startswith("norm = none instead of batch"))
+    assert "could not have detected" not in norm_sentence, "power is for undecided tests only"
     assert a.best["best"]["model.norm"] == "none"
 
 
@@ -313,6 +324,313 @@ def test_odd_level_names_are_escaped_in_html(tmp_path: Path) -> None:
     assert "a &amp; b" in text and "<b>bold</b>" not in text
 
 
+# ------------------------------------------------------------- best cell, power, shape, PM
+
+
+def ranked_cells_table(
+    seed: int, *, gap: float, noise: float, seeds: int = 5, seed_sd: float = 1.5
+) -> tuple[pd.DataFrame, Design]:
+    """norm × act with the best cell (batch, relu) at 10 years, the runner-up (none, tanh,
+    differing in both factors) at 10 + gap and the other two at 12; a per-seed offset shared
+    by every cell of a seed (sd ``seed_sd``) and N(0, noise²) per run; calib = test + N(0,
+    0.01²)."""
+    rng = np.random.default_rng(seed)
+    space = {"model.norm": ["batch", "none"], "model.act": ["relu", "tanh"]}
+    design = Design.from_space(space, list(range(seeds)))
+    means = {("batch", "relu"): 10.0, ("none", "tanh"): 10.0 + gap}
+    offsets = rng.normal(0, seed_sd, seeds)
+    rows = []
+    for norm, act in itertools.product(*space.values()):
+        for s in range(seeds):
+            mae = means.get((norm, act), 12.0) + offsets[s] + rng.normal(0, noise)
+            rows.append({"model.norm": norm, "model.act": act, "seed": s, "mae": mae,
+                         "best_calib_mae": mae + rng.normal(0, 0.01)})  # fmt: skip
+    return pd.DataFrame(rows), design
+
+
+def best_sentence(a) -> str:
+    return next(v for v in a.verdict if v.startswith(("Best cell", "No run logged a calib")))
+
+
+def test_runner_up_is_decided_by_the_paired_test_not_by_overlap() -> None:
+    """The issue's case: 5 seeds sharing a large seed effect, a 0.32-year gap that the paired
+    test sees at once (CI 0.29–0.37 here) while the two cells' intervals overlap widely."""
+    df, design = ranked_cells_table(2, gap=0.32, noise=0.03)
+    a = analyse(df, design)
+    best, runner, test = a.best["best"], a.best["runner_up"], a.best["test"]
+    assert (best["cell"], runner["cell"]) == ("norm=batch · act=relu", "norm=none · act=tanh")
+    assert best["mae_lo"] <= runner["mae_hi"] and runner["mae_lo"] <= best["mae_hi"], (
+        "the unpaired intervals overlap: the old rule would have said 'not distinguishable'"
+    )
+    assert 0.2 < test["lo"] < 0.32 < test["hi"] < 0.45 and test["p"] < 0.001
+    assert test["n_pairs"] == 5 and test["differs"] == ["norm", "act"]
+    assert test["significant"]
+    text = best_sentence(a)
+    assert "not distinguishable" not in text
+    assert "It is ahead of the runner-up norm=none · act=tanh (" in text
+    assert "paired over 5 seeds; the cells differ in norm and act" in text
+    assert "best:norm=none · act=tanh-norm=batch · act=relu" in a.significant()
+
+
+def test_best_vs_runner_up_is_one_more_test_in_the_holm_family() -> None:
+    df, design = ranked_cells_table(4, gap=0.1, noise=0.1)
+    a = analyse(df, design)
+    family = [*a.anova.loc[~a.anova["block"], "p"], *a.comparisons["p"], a.best["test"]["p"]]
+    assert a.family_size == len(family) == 6  # norm, act, norm × act; 2 comparisons; best
+    ref = multipletests(family, method="holm")[1]
+    assert a.best["test"]["p_holm"] == pytest.approx(ref[-1])
+    assert a.comparisons["p_holm"].tolist() == pytest.approx(list(ref[3:5]))
+
+
+def test_not_distinguishable_only_when_the_paired_test_says_so() -> None:
+    """Over seeded tables with gaps from none to clear, the sentence follows the test."""
+    said = {True: 0, False: 0}
+    for seed in range(30):
+        gap = (0.0, 0.08, 0.3)[seed % 3]
+        a = analyse(*ranked_cells_table(100 + seed, gap=gap, noise=0.08))
+        test, text = a.best["test"], best_sentence(a)
+        said[test["significant"]] += 1
+        if test["significant"]:
+            assert "not distinguishable" not in text, text
+        else:
+            assert "is not distinguishable from it on test MAE" in text, text
+            assert "could not have detected less than" in text, text
+    assert said[True] >= 5 and said[False] >= 5, said  # both branches exercised
+
+
+def test_ranking_falls_back_to_test_mae_only_with_a_sentence() -> None:
+    df, design = planted_table(5, calib_noise=None)
+    a = analyse(df, design)
+    assert a.best["by"] == "mae" and a.best["test"] is None
+    text = best_sentence(a)
+    assert text.startswith("No run logged a calib MAE (the objective), so cells are ranked by test")
+    assert "is not tested against it" in text and "not distinguishable" not in text
+    # One cell without a calib MAE: the others are still ranked by the objective, and it is named.
+    df, design = planted_table(5)
+    gone = (df["model.norm"] == "none") & (df["model.act"] == "tanh")
+    df.loc[gone & (df["model.backbone"] == "resnet10t"), "best_calib_mae"] = math.nan
+    a = analyse(df, design)
+    assert a.best["by"] == "calib_mae"
+    assert a.best["unranked"] == ["norm=none · act=tanh · backbone=resnet10t"]
+    assert "Not ranked: 1 cell(s) whose runs logged no calib MAE" in best_sentence(a)
+
+
+@pytest.mark.parametrize("n", [3, 5, 12, 40])
+@pytest.mark.parametrize("alpha", [0.05, 0.005])
+def test_power_formulas_match_statsmodels(n: int, alpha: float) -> None:
+    from statsmodels.stats.power import TTestPower
+
+    from agelab.report.stats import detectable_difference, paired_power, pairs_needed
+
+    ref = TTestPower()
+    for effect in (0.2, 0.8, 1.5):
+        theirs = ref.power(effect, n, alpha)
+        if math.isfinite(theirs):  # NaN where scipy's noncentral t gives up (tested below)
+            assert paired_power(n, effect, alpha) == pytest.approx(theirs, abs=1e-9)
+    sd = 0.7
+    mine = detectable_difference(sd, n, alpha) / sd
+    assert paired_power(n, mine, alpha) == pytest.approx(0.8, abs=1e-6)
+    if math.isfinite(ref.power(mine, n, alpha)):  # their formula agrees
+        assert ref.power(mine, n, alpha) == pytest.approx(0.8, abs=1e-6)
+    theirs = ref.solve_power(effect_size=None, nobs=n, alpha=alpha, power=0.8)
+    # solve_power's own root is off where its noncentral t turns NaN mid-search (n = 5,
+    # alpha = 0.005: power 0.783 at its answer); compare where its answer is a root.
+    if abs(ref.power(theirs, n, alpha) - 0.8) < 1e-6:
+        assert mine == pytest.approx(theirs, rel=1e-4)
+    effect = n * 0.02  # pairs needed well above 2
+    need = pairs_needed(sd, effect, alpha)
+    assert ref.power(effect / sd, need, alpha) == pytest.approx(0.8, abs=1e-6)
+    want_n = ref.solve_power(effect_size=effect / sd, nobs=None, alpha=alpha, power=0.8)
+    assert need == pytest.approx(want_n, rel=1e-3)
+
+
+def test_power_where_scipy_gives_up_and_by_simulation() -> None:
+    from agelab.report.stats import detectable_difference, paired_power, power_by_integral
+
+    for n, effect, alpha in [(4, 4.0, 0.005), (12, 1.0, 0.05), (30, 0.3, 0.01)]:
+        crit = stats.t.isf(alpha / 2, n - 1)
+        ref = stats.nct.sf(crit, n - 1, effect * math.sqrt(n)) + stats.nct.cdf(
+            -crit, n - 1, effect * math.sqrt(n)
+        )
+        assert power_by_integral(n - 1, crit, effect * math.sqrt(n)) == pytest.approx(ref, abs=1e-6)
+    assert 0 < paired_power(2, 8.0, 0.005) < 0.2  # scipy's noncentral t returns NaN here
+    assert paired_power(12, 4.0, 0.005) == pytest.approx(1.0)
+    # At the detectable difference, a simulated paired t-test rejects 80 % of the time.
+    mde = detectable_difference(1.0, 8, 0.01)
+    d = np.random.default_rng(0).normal(mde, 1.0, (4000, 8))
+    rate = np.mean(stats.ttest_1samp(d, 0.0, axis=1).pvalue < 0.01)
+    assert abs(rate - 0.8) < 0.025, rate
+
+
+def test_undecided_comparison_says_what_its_seeds_could_detect() -> None:
+    from statsmodels.stats.power import TTestPower
+
+    df, design = planted_table(0, effect={("model.act", "tanh"): -0.1})
+    a = analyse(df, design, min_effect=0.25)
+    assert a.family_size == 10 and a.power_alpha == pytest.approx(0.005)
+    act = comparison(a, "act", "tanh")
+    assert not act["significant"] and act["n_pairs"] == 12 and act["n_seeds"] == 3
+    ref = TTestPower()
+    mde = act["sd"] * ref.solve_power(effect_size=None, nobs=12, alpha=0.005, power=0.8)
+    pairs = ref.solve_power(effect_size=0.25 / act["sd"], nobs=None, alpha=0.005, power=0.8)
+    seeds = math.ceil(pairs / 4)  # 4 pairs per seed: 2 norms × 2 backbones
+    assert act["mde"] == pytest.approx(mde, rel=1e-4) and act["seeds_needed"] == seeds
+    sentence = next(v for v in a.verdict if v.startswith("act = tanh instead of relu"))
+    assert (
+        f"; 3 seeds (12 pairs) could not have detected less than {mde:.2f} years (80 % power, "
+        f"two-sided, level 0.05/10 = 0.005); about {seeds} seeds would detect 0.25 years."
+    ) in sentence
+    # A larger min_effect the seeds can already detect is said as such.
+    a = analyse(df, design, min_effect=5.0)
+    sentence = next(v for v in a.verdict if v.startswith("act = tanh instead of relu"))
+    assert "so a difference of 5 years would likely have been found" in sentence
+
+
+@pytest.mark.slow
+def test_the_seeds_the_report_asks_for_do_detect_the_effect() -> None:
+    """Plant min_effect (0.25 years, paired sd 0.3·√2): the report on 3 seeds asks for about
+    n seeds; tables with the n that the true sd gives detect it about 80 % of the time, and
+    with half of them far less often (so the check can fail)."""
+    from agelab.report.stats import power_of
+
+    planted = {("model.act", "tanh"): -0.25}
+    asked = [
+        comparison(analyse(*planted_table(s, effect=planted, noise=0.3)), "act", "tanh")
+        for s in range(300, 320)
+    ]
+    asked = [r["seeds_needed"] for r in asked if not r["significant"]]
+    true_n = power_of(0.3 * math.sqrt(2), 12, 3, alpha=0.005, power=0.8, min_effect=0.25)
+    n = int(true_n["seeds_needed"])
+    assert 0.7 * n <= float(np.median(asked)) <= 1.4 * n, (asked, n)
+
+    def detected(seeds: int) -> float:
+        tables = (planted_table(s, seeds=seeds, effect=planted) for s in range(400, 440))
+        return np.mean([comparison(analyse(*t), "act", "tanh")["significant"] for t in tables])
+
+    # 0.81 over 150 tables (2026-11-30); 40 here: ≥ 0.65 is 3 standard errors below 0.8.
+    assert detected(n) >= 0.65, f"with {n} seeds"
+    assert detected(n // 2) <= 0.5, "half the seeds must detect it clearly less often"
+
+
+def with_shape(df: pd.DataFrame, beta: float, seed: int = 0) -> pd.DataFrame:
+    """Per-run shape metrics as the metrics module logs them, for a true shape ``beta``."""
+    from agelab.metrics import coverage_at_mae_for_beta
+
+    rng = np.random.default_rng(seed)
+    b = beta + rng.normal(0, 0.05, len(df))
+    out = df.assign(shape_beta=b, shape_beta_low=b - 0.1, shape_beta_high=b + 0.1)
+    out["coverage_at_mae_gennorm"] = [coverage_at_mae_for_beta(x) for x in b]
+    out["coverage_at_mae"] = out["coverage_at_mae_gennorm"] + rng.normal(0, 0.005, len(df))
+    out["verdict"] = "between normal and laplace"
+    return out.assign(years_for_50=3.1, years_for_80=6.2, conformal_90_width=16.0,
+                      conformal_90_coverage=0.904)  # fmt: skip
+
+
+def test_shape_beta_in_the_cells_the_sentence_and_the_figure(tmp_path: Path) -> None:
+    from agelab.metrics import coverage_at_mae_for_beta
+    from agelab.report.render import cells_table
+
+    df, design = planted_table(1)
+    a = analyse(with_shape(df, 1.3), design)
+    sh = a.coverage["shape"]
+    assert sh["n"] == 24 and sh["beta_lo"] < 1.3 < sh["beta_hi"]
+    head, rows = cells_table(a)
+    assert "shape β (95 % CI)" in head
+    assert all(r[head.index("shape β (95 % CI)")].startswith("1.") for r in rows)
+    sentence = next(v for v in a.verdict if v.startswith("Residual shape across 24 run(s)"))
+    assert sh["predicted"] == pytest.approx(coverage_at_mae_for_beta(1.3), abs=0.002)
+    assert f"With shape β ≈ {sh['beta']:.2f}, {100 * sh['predicted']:.1f} % fall within" in sentence
+    assert "normal predicts 57.5 %, Laplace 63.2 %" in sentence
+    md, _html = write(a, tmp_path, meta={"study": "shape"})
+    fig = tmp_path / "figures" / "coverage_beta.png"
+    assert fig.stat().st_size > 5_000 and "figures/coverage_beta.png" in md.read_text()
+    # Runs logged before β existed: no column, no sentence, no figure, no crash.
+    old = analyse(df, design)
+    assert "shape β (95 % CI)" not in cells_table(old)[0]
+    assert not any(v.startswith("Residual shape") for v in old.verdict)
+    write(old, tmp_path / "old", meta={"study": "old"})
+    assert not (tmp_path / "old" / "figures" / "coverage_beta.png").exists()
+
+
+def test_the_best_cells_errors_in_plain_terms() -> None:
+    df, design = planted_table(2, effect={("model.norm", "none"): -0.8})
+    a = analyse(with_shape(df, 1.0), design)
+    pm = next(v for v in a.verdict if v.startswith("In plain terms"))
+    assert pm.startswith("In plain terms, the best cell (mean of its 3 runs, test split): ")
+    assert "half of the faces within 3.10 years, 80 % within 6.20, 90 % within ±8.00 " in pm
+    assert "it covered 90.4 % of the test faces" in pm
+    assert not any(v.startswith("In plain terms") for v in analyse(df, design).verdict)
+    # Too few calibration points: the width is infinite, logged by MLflow as 1.797e308.
+    design = Design.from_space({"model.norm": ["batch", "none"]}, [0, 1])
+    runs = [
+        fake_run(i, {"model.norm": n}, {"mae": 9.0 + i, "best_calib_mae": 9.0 + i,
+                 "years_for_50": 4.0, "conformal_90_width": 1.7976931348623157e308}, seed=s)
+        for i, (n, s) in enumerate(itertools.product(["batch", "none"], [0, 1]))
+    ]  # fmt: skip
+    a = analyse(runs_table(runs_frame(runs), design), design)
+    assert np.isposinf(a.runs["conformal_90_width"]).all()
+    pm = next(v for v in a.verdict if v.startswith("In plain terms"))
+    assert pm.endswith(
+        "half of the faces within 4.00 years, no finite 90 % conformal interval (2 run(s) had "
+        "too few calibration faces for one)."
+    )
+
+
+def test_the_report_says_what_a_replicate_varied(tmp_path: Path) -> None:
+    from agelab.report import design_from_parent
+
+    params = {
+        "search.space": json.dumps({"model.norm": ["batch", "none"]}),
+        "search.seeds": "[0, 1]",
+    }
+    assert design_from_parent(params).replicate_varies is None
+    for logged in ('["init", "split"]', "['init', 'split']"):
+        got = design_from_parent(params | {"search.replicate_varies": logged})
+        assert got.replicate_varies == ["init", "split"]
+    design = design_from_parent(params | {"search.replicate_varies": '["init"]'})
+    runs = [
+        fake_run(i, {"model.norm": n}, {"mae": 9.0 + i, "best_calib_mae": 9.0 + i}, seed=s)
+        for i, (n, s) in enumerate(itertools.product(["batch", "none"], [0, 1]))
+    ]
+    for r in runs:
+        r.data.params["data.split.seed"] = "0"
+    a = analyse(runs_table(runs_frame(runs), design), design)
+    md, _ = write(a, tmp_path, meta={"study": "varies"})
+    text = md.read_text()
+    assert "A replicate seed varied the initialisation, batch order and augmentation " in text
+    assert "not the data split (every replicate used the same one)" in text
+    assert "The completed runs used 1 distinct data split(s)." in text
+    design.replicate_varies = ["init", "split"]
+    for r, split in zip(runs, [10, 11, 10, 11], strict=True):
+        r.data.params["data.split.seed"] = str(split)
+    a = analyse(runs_table(runs_frame(runs), design), design)
+    md, _ = write(a, tmp_path, meta={"study": "varies"})
+    text = md.read_text()
+    assert (
+        "and the data split (data.split.seed); every cell of one replicate shares its seed" in text
+    )
+    assert "used 2 distinct data split(s)" in text
+    design.replicate_varies = None  # a study that predates the setting
+    md, _ = write(analyse(runs_table(runs_frame(runs), design), design), tmp_path, meta={})
+    assert text.count("A replicate seed varied") == 2  # cells note and How to read this
+    assert "augmentation only (train.seed): every replicate used the same data split" in (
+        md.read_text()
+    )
+
+
+def test_report_config_min_effect_and_power() -> None:
+    from pydantic import ValidationError
+
+    from agelab.config import ReportConfig
+
+    assert ReportConfig().min_effect == 0.25 and ReportConfig().power == 0.8
+    for bad in ({"min_effect": 0}, {"power": 1.0}, {"power": 0.3}):
+        with pytest.raises(ValidationError):
+            ReportConfig(**bad)
+    cfg = load_config(REPO / "experiments" / "demo.yaml", ["report.min_effect=0.5"])
+    assert cfg.report.min_effect == 0.5
+
+
 # ----------------------------------------------------------------- a real study and store
 
 
@@ -343,8 +661,13 @@ def test_study_end_writes_and_logs_the_report(demo_study) -> None:
     folder = cfg.tracking.root / "reports" / "demo"
     md = (folder / "report.md").read_text()
     assert "## Verdict" in md and "Based on 8 completed trial(s) in 4 cell(s) of 8 planned" in md
-    for fig in ("heatmap", "interaction", "comparisons", "coverage", "cs_curves"):
+    for fig in ("heatmap", "interaction", "comparisons", "coverage", "coverage_beta", "cs_curves"):
         assert (folder / "figures" / f"{fig}.png").stat().st_size > 5_000, fig
+    # What the intervals cover, the shape β and the best cell in plain terms, from real runs.
+    assert "A replicate seed varied the initialisation, batch order and augmentation " in md
+    assert "and the data split (data.split.seed)" in md and "2 distinct data split(s)" in md
+    assert "| shape β (95 % CI) |" in md and "- Residual shape across 8 run(s)" in md
+    assert "- In plain terms, the best cell (mean of its 2 runs, test split): half of" in md
     runs = pd.read_csv(folder / "runs.csv")
     assert len(runs) == 8 and set(runs["state"]) == {"COMPLETE"}
     client = MlflowClient(default_uri(cfg.tracking))

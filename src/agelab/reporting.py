@@ -153,6 +153,8 @@ def _analyse(
         confidence=report.confidence,
         importances=importances,
         excluded=excluded,
+        min_effect=report.min_effect,
+        power=report.power,
     )
 
 

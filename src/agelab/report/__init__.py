@@ -5,8 +5,10 @@ A pure function of a runs table — this package imports neither optuna nor mlfl
 
 * :mod:`.design` — what the study searched (:class:`Design`) and its runs as one table;
 * :mod:`.stats` — t-intervals, Holm, type-II ANOVA with a seed block, paired comparisons,
-  the coverage rule of thumb;
-* :mod:`.analysis` — :func:`analyse`: cells, tests in one Holm family, best cell, gaps;
+  the best cell against its runner-up, paired t-test power, the coverage rule of thumb and
+  the residual shape β;
+* :mod:`.analysis` — :func:`analyse`: cells, tests in one Holm family (the best cell's test
+  included), power of the undecided ones, best cell, gaps;
 * :mod:`.verdict` — the sentences, each backed by a number in the tables;
 * :mod:`.render` — ``report.md``, a self-contained ``report.html``, figures, ``runs.csv``.
 

@@ -21,9 +21,12 @@ import pandas as pd
 from agelab.report.design import CELL_METRICS, Design, cell_label, normalise_runs
 from agelab.report.stats import (
     anova_table,
+    cell_pair_test,
     coverage_summary,
     holm,
     paired_comparisons,
+    power_of,
+    shape_summary,
     t_interval,
 )
 from agelab.report.verdict import verdict
@@ -47,6 +50,10 @@ class Analysis:
     excluded: list[str] = field(default_factory=list)  # runs left out, and why
     alpha: float = 0.05
     confidence: float = 0.95
+    min_effect: float = 0.25  # years: the effect the power statements are about
+    power: float = 0.8
+    family_size: int = 0  # tests in the one Holm family
+    n_splits: int = 0  # distinct data.split.seed values among the completed runs (0: unknown)
 
     @property
     def complete(self) -> pd.DataFrame:
@@ -59,7 +66,18 @@ class Analysis:
             out += [f"anova:{t}" for t in self.anova.loc[self.anova["significant"], "term"]]
         sig = self.comparisons[self.comparisons["significant"]]
         out += [f"{r.factor}:{r.level_b}-{r.level_a}" for r in sig.itertuples()]
+        test = (self.best or {}).get("test") or {}
+        if test.get("significant"):
+            out.append(f"best:{self.best['runner_up']['cell']}-{self.best['best']['cell']}")
         return out
+
+    @property
+    def power_alpha(self) -> float:
+        """The level of the power statements: alpha / (tests in the family). A p-value below
+        it is rejected by Holm whatever the family's other p-values are (Bonferroni's bound,
+        which Holm never does worse than), so it is the level a planned replication can
+        count on."""
+        return self.alpha / max(self.family_size, 1)
 
 
 def analyse(
@@ -70,6 +88,8 @@ def analyse(
     confidence: float = 0.95,
     importances: dict[str, float] | None = None,
     excluded: list[str] | None = None,
+    min_effect: float = 0.25,
+    power: float = 0.8,
 ) -> Analysis:
     """Everything the report says, from a runs table (one row per trial) and the design."""
     df = normalise_runs(runs, design)
@@ -77,19 +97,11 @@ def analyse(
     cells = cell_table(df, design, confidence)
     anova, note, regression = anova_table(complete, design)
     comparisons, simple = paired_comparisons(complete, design, confidence)
-
-    # One family: every test the report may call significant.
-    # The seed block is a nuisance term: shown, never tested.
-    tested = [] if anova is None else anova.loc[~anova["block"], "p"].tolist()
-    adjusted = holm(tested + comparisons["p"].tolist())
-    n_anova = len(tested)
-    if anova is not None:
-        anova["p_holm"] = math.nan
-        anova.loc[~anova["block"], "p_holm"] = adjusted[:n_anova]
-        anova["significant"] = anova["p_holm"] < alpha
-    comparisons["p_holm"] = adjusted[n_anova:]
-    comparisons["significant"] = comparisons["p_holm"] < alpha
-
+    best = best_cell(cells, complete, design, confidence)
+    family_size = holm_family(anova, comparisons, best, alpha)
+    coverage = coverage_summary(complete, confidence)
+    coverage["shape"] = shape_summary(complete, confidence)
+    splits = complete["split_seed"].dropna().astype(str)
     out = Analysis(
         design=design,
         runs=df,
@@ -99,17 +111,75 @@ def analyse(
         regression=regression,
         comparisons=comparisons,
         simple_effects=simple,
-        coverage=coverage_summary(complete, confidence),
-        best=best_cell(cells, complete, design),
+        coverage=coverage,
+        best=best,
         missing=missing_report(df, cells, design),
         verdict=[],
         importances=importances,
         alpha=alpha,
         confidence=confidence,
         excluded=list(excluded or []),
+        min_effect=min_effect,
+        power=power,
+        family_size=family_size,
+        n_splits=int(splits.nunique()) if len(splits) == len(complete) else 0,
     )
+    add_power(out)
+    if best is not None:
+        best["pm"] = pm_numbers(complete, best["best"], design)
     out.verdict = verdict(out)
     return out
+
+
+def holm_family(
+    anova: pd.DataFrame | None,
+    comparisons: pd.DataFrame,
+    best: dict[str, Any] | None,
+    alpha: float,
+) -> int:
+    """Holm-adjust, as **one family**, every test the report may call significant: the ANOVA
+    effects and interactions (the seed block is a nuisance term: shown, never tested), the
+    pooled paired comparisons and the best cell against its runner-up. Writes ``p_holm`` and
+    ``significant`` into each; returns the family's size (finite p-values)."""
+    tested = [] if anova is None else anova.loc[~anova["block"], "p"].tolist()
+    test = (best or {}).get("test")
+    best_p = [test["p"]] if test else []
+    raw = tested + comparisons["p"].tolist() + best_p
+    adjusted = holm(raw)
+    n_anova, n_comp = len(tested), len(comparisons)
+    if anova is not None:
+        anova["p_holm"] = math.nan
+        anova.loc[~anova["block"], "p_holm"] = adjusted[:n_anova]
+        anova["significant"] = anova["p_holm"] < alpha
+    comparisons["p_holm"] = adjusted[n_anova : n_anova + n_comp]
+    comparisons["significant"] = comparisons["p_holm"] < alpha
+    if test:
+        test["p_holm"] = adjusted[-1]
+        test["significant"] = bool(test["p_holm"] < alpha)
+    return int(np.isfinite(np.asarray(raw, dtype=float)).sum())
+
+
+def add_power(a: Analysis) -> None:
+    """For every paired test the report could not decide (testable, not significant): the
+    difference its pairs could detect with ``a.power``, and about how many seeds would detect
+    ``a.min_effect`` years, both at :attr:`Analysis.power_alpha`."""
+    comp = a.comparisons
+    kw = {"alpha": a.power_alpha, "power": a.power, "min_effect": a.min_effect}
+    rows = [
+        power_of(r.sd, int(r.n_pairs), int(r.n_seeds), **kw)
+        if _undecided(r.p_holm, r.significant)
+        else {"mde": math.nan, "seeds_needed": math.nan}
+        for r in comp.itertuples()
+    ]
+    comp["mde"] = [r["mde"] for r in rows]
+    comp["seeds_needed"] = [r["seeds_needed"] for r in rows]
+    test = (a.best or {}).get("test")
+    if test and _undecided(test["p_holm"], test["significant"]):
+        test |= power_of(test["sd"], test["n_pairs"], test["n_seeds"], **kw)
+
+
+def _undecided(p_holm: float, significant: bool) -> bool:
+    return bool(math.isfinite(p_holm) and not significant)
 
 
 def cell_table(df: pd.DataFrame, design: Design, confidence: float) -> pd.DataFrame:
@@ -140,6 +210,8 @@ def cell_table(df: pd.DataFrame, design: Design, confidence: float) -> pd.DataFr
             mean, lo, hi, _n = t_interval(done[metric], confidence)
             if "coverage" in metric:  # a share: the interval cannot leave [0, 1]
                 lo, hi = max(lo, 0.0), min(hi, 1.0)
+            elif lo < 0:  # MAE, widths, β: positive quantities
+                lo = 0.0
             row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"] = mean, lo, hi
         # The objective: best_calib_mae (calib_mae's latest value is the last epoch's).
         calib = done["best_calib_mae"].where(done["best_calib_mae"].notna(), done["calib_mae"])
@@ -151,25 +223,65 @@ def cell_table(df: pd.DataFrame, design: Design, confidence: float) -> pd.DataFr
     return cells.sort_values(["mae", "cell"], na_position="last").reset_index(drop=True)
 
 
-def best_cell(cells: pd.DataFrame, complete: pd.DataFrame, design: Design) -> dict[str, Any] | None:
-    """Best cell by mean calib MAE (test MAE when calib is missing) and its runner-up."""
+def best_cell(
+    cells: pd.DataFrame, complete: pd.DataFrame, design: Design, confidence: float
+) -> dict[str, Any] | None:
+    """Best cell by the objective (mean calib MAE) and its runner-up, tested paired on seed.
+
+    Cells whose runs logged no calib MAE are left out of the ranking and named
+    (``unranked``). Only when no cell has one are the cells ranked by test MAE; then the
+    runner-up is not tested, since the numbers that ranked the two would also test them.
+    Otherwise ``test`` is :func:`~agelab.report.stats.cell_pair_test` (test MAE, runner-up −
+    best), which :func:`holm_family` adds to the report's one Holm family."""
     done = cells[cells["n"] > 0].copy()
     if done.empty:
         return None
-    by = "calib_mae" if done["calib_mae"].notna().all() else "mae"
-    done = done.sort_values([by, "mae"]).reset_index(drop=True)
-    best = done.iloc[0].to_dict()
-    out: dict[str, Any] = {"by": by, "best": best, "runner_up": None, "distinguishable": None}
-    out["order"] = done["cell"].tolist()  # best first, worst last (same ranking everywhere)
-    if len(done) > 1:
-        runner = done.iloc[1].to_dict()
-        out["runner_up"] = runner
-        if any(math.isnan(x) for x in (best["mae_lo"], runner["mae_lo"])):
-            out["distinguishable"] = None  # no intervals: cannot say
-        else:
-            overlap = best["mae_lo"] <= runner["mae_hi"] and runner["mae_lo"] <= best["mae_hi"]
-            out["distinguishable"] = not overlap
+    has_calib = done["calib_mae"].notna()
+    by = "calib_mae" if has_calib.any() else "mae"
+    ranked = done[has_calib] if has_calib.any() else done
+    ranked = ranked.sort_values([by, "mae", "cell"]).reset_index(drop=True)
+    out: dict[str, Any] = {
+        "by": by,
+        "best": ranked.iloc[0].to_dict(),
+        "runner_up": None,
+        "test": None,
+        "unranked": done.loc[~has_calib, "cell"].tolist() if has_calib.any() else [],
+        "order": ranked["cell"].tolist(),  # best first, worst last (same ranking everywhere)
+    }
+    if len(ranked) > 1:
+        out["runner_up"] = ranked.iloc[1].to_dict()
+        if by == "calib_mae":
+            out["test"] = cell_pair_test(
+                complete, design, out["best"], out["runner_up"], confidence
+            )
     return out
+
+
+def pm_numbers(complete: pd.DataFrame, best: dict[str, Any], design: Design) -> dict[str, Any]:
+    """The best cell's runs' errors in a product manager's terms, averaged over its runs:
+    years within which 50 % and 80 % of test faces fall (observed) and the split-conformal
+    90 % half-width (``conformal_90_width`` is the full width 2q) with its test coverage."""
+    mask = np.ones(len(complete), dtype=bool)
+    for k in design.keys:
+        mask &= (complete[k].astype(str) == str(best[k])).to_numpy()
+    runs = complete[mask]
+
+    def mean(col: str) -> float:
+        x = runs[col].astype(float) if col in runs else pd.Series(dtype=float)
+        x = x[np.isfinite(x)]
+        return float(x.mean()) if len(x) else math.nan
+
+    width = runs["conformal_90_width"].astype(float) if "conformal_90_width" in runs else None
+    unbounded = int(np.isposinf(width).sum()) if width is not None else 0
+    return {
+        "n": len(runs),
+        "years_50": mean("years_for_50"),
+        "years_80": mean("years_for_80"),
+        # too few calibration points in any run: no finite interval to promise
+        "conformal_90_half": math.inf if unbounded else mean("conformal_90_width") / 2.0,
+        "conformal_90_unbounded": unbounded,
+        "conformal_90_coverage": mean("conformal_90_coverage"),
+    }
 
 
 def missing_report(df: pd.DataFrame, cells: pd.DataFrame, design: Design) -> list[str]:

@@ -8,6 +8,7 @@ names them; see :func:`agelab.tracking.runs_frame`) and the parent run's params.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import math
@@ -30,7 +31,24 @@ CELL_METRICS = (
     ("coverage_at_5", "within 5 y"),
     ("conformal_90_width", "conformal 90 % width"),
     ("conformal_90_coverage", "conformal 90 % coverage"),
+    ("shape_beta", "shape β"),
 )
+#: Per-run metrics the report reads beyond :data:`CELL_METRICS` (NaN where a run lacks them:
+#: runs logged before a metric existed still report).
+RUN_METRICS = (
+    "best_calib_mae",
+    "calib_mae",
+    "shape_beta_low",
+    "shape_beta_high",
+    "coverage_at_mae_gennorm",
+    "years_for_50",
+    "years_for_80",
+)
+#: What a replicate seed may vary (``search.replicate_varies``), in words.
+VARIES = {
+    "init": "the initialisation, batch order and augmentation (train.seed)",
+    "split": "the data split (data.split.seed)",
+}
 STATES = ("COMPLETE", "FAIL", "PRUNED", "KILLED", "RUNNING")
 
 
@@ -45,6 +63,9 @@ class Design:
     seeds: list[Any] = field(default_factory=list)
     sampler: str = "grid"
     planned: int | None = None
+    #: What a replicate varied (``search.replicate_varies``); None: the study predates the
+    #: setting, so a replicate varied train.seed only (initialisation, batch order).
+    replicate_varies: list[str] | None = None
 
     @classmethod
     def from_space(
@@ -97,12 +118,27 @@ def design_from_parent(params: dict[str, str]) -> Design:
     except json.JSONDecodeError as exc:
         raise ReportError(f"the study's parent run has unreadable search params: {exc}") from None
     n_trials = params.get("search.n_trials")
-    return Design.from_space(
+    design = Design.from_space(
         space,
         seeds,
         sampler=params.get("search.sampler", "grid"),
         n_trials=int(n_trials) if n_trials not in (None, "None", "") else None,
     )
+    design.replicate_varies = _text_list(params.get("search.replicate_varies"))
+    return design
+
+
+def _text_list(value: str | None) -> list[str] | None:
+    """A logged list param (JSON, or the Python repr MLflow makes of a list) → its items."""
+    if value is None or not value.strip():
+        return None
+    for parse in (json.loads, ast.literal_eval):
+        with contextlib.suppress(ValueError, SyntaxError, TypeError):
+            parsed = parse(value)
+            if isinstance(parsed, list | tuple):
+                return [str(v) for v in parsed]
+            return [str(parsed)]
+    return [v.strip(" '\"") for v in value.strip("[]").split(",") if v.strip(" '\"")]
 
 
 def _typed(value: str | None, key: str, design: Design) -> Any:
@@ -189,12 +225,20 @@ def _trial_row(run: dict[str, Any], design: Design) -> dict[str, Any]:
     planned = dict(part.split("=", 1) for part in row["plan_key"].split(" | ") if "=" in part)
     seed = params.get("trial.seed", tag("agelab.replicate", planned.get("seed")))
     row["seed"] = _typed(seed, "seed", design)
+    row["split_seed"] = params.get("data.split.seed", math.nan)  # what the replicate used
     for key in design.keys:  # the plan key holds the raw choice: match it first
         row[key] = _typed(planned.get(key, params.get(key)), key, design)
     # Every metric column of the trial runs (NaN where this run logged none): the frame holds
     # only what some trial logged, in the order MLflow listed it.
-    row |= {k[len("metrics.") :]: float(v) for k, v in run.items() if k.startswith("metrics.")}
+    row |= {k[len("metrics.") :]: _unclip(v) for k, v in run.items() if k.startswith("metrics.")}
     return row
+
+
+def _unclip(value: Any) -> float:
+    """A logged metric: MLflow stores ±inf (e.g. a conformal width with too few calibration
+    points) as ±1.797e308; read it back as ±inf."""
+    v = float(value)
+    return math.copysign(math.inf, v) if abs(v) >= 1.79e308 else v
 
 
 def normalise_runs(runs: pd.DataFrame, design: Design) -> pd.DataFrame:
@@ -206,7 +250,7 @@ def normalise_runs(runs: pd.DataFrame, design: Design) -> pd.DataFrame:
     if "state" not in df.columns:
         df["state"] = "COMPLETE"
     # Failed or pruned runs never log test metrics: a study of only those still reports.
-    for col in ("best_calib_mae", "calib_mae", *(m for m, _ in CELL_METRICS)):
+    for col in (*RUN_METRICS, *(m for m, _ in CELL_METRICS), "split_seed"):
         if col not in df.columns:
             df[col] = math.nan
     for col in ("verdict", "reason"):

@@ -24,11 +24,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from agelab.metrics import LAPLACE_CS_AT_MAE, NORMAL_CS_AT_MAE
-from agelab.plots import COLORS, save_png
+from agelab.plots import COLORS, coverage_vs_beta_figure, save_png
 from agelab.report.analysis import Analysis
 from agelab.report.design import CELL_METRICS
 from agelab.report.stats import t_interval
 from agelab.report.text import conf_label, format_p
+from agelab.report.verdict import power_level, replicate_note
 
 PREFERRED = ("model.norm", "model.act", "model.backbone")
 
@@ -65,16 +66,27 @@ def _p(p: float) -> str:
 Table = tuple[list[str], list[list[str]]]
 
 
+#: Cell columns whose header names their interval (the others show one too, unlabelled).
+CI_IN_HEADER = {"mae", "coverage_at_mae", "coverage_at_5", "shape_beta"}
+
+
+def _cell_metrics(a: Analysis) -> list[tuple[str, str]]:
+    """The cells table's metric columns: shape β only when some run logged it."""
+    has_beta = np.isfinite(a.cells["shape_beta"].astype(float)).any()
+    return [(m, lb) for m, lb in CELL_METRICS if m != "shape_beta" or has_beta]
+
+
 def cells_table(a: Analysis) -> Table:
     conf = conf_label(a.confidence)
+    metrics = _cell_metrics(a)
     head = ["cell", "n"] + [
-        f"{label} ({conf} CI)" if i < 3 else label for i, (_, label) in enumerate(CELL_METRICS)
+        f"{label} ({conf} CI)" if metric in CI_IN_HEADER else label for metric, label in metrics
     ]
     head += ["shape verdicts", "failed / pruned / lost"]
     rows = []
     for c in a.cells.itertuples():
         r = [c.cell, str(c.n)]
-        for metric, _ in CELL_METRICS:
+        for metric, _ in metrics:
             pct = "coverage" in metric
             r.append(
                 _ci(
@@ -87,6 +99,20 @@ def cells_table(a: Analysis) -> Table:
         r += [c.verdicts if c.n else "", f"{c.fail} / {c.pruned} / {c.killed + c.running}"]
         rows.append(r)
     return head, rows
+
+
+def cells_note(a: Analysis) -> str:
+    """Under the cells table: what its intervals are over, and what a replicate varied."""
+    text = (
+        f"Intervals are two-sided {conf_label(a.confidence)} t-intervals over the cell's "
+        "replicates. " + replicate_note(a)
+    )
+    if "shape_beta" in dict(_cell_metrics(a)):
+        text += (
+            " Shape β is the fitted generalised-normal shape of each run's test residuals "
+            "(2 normal, 1 Laplace), averaged over the replicates."
+        )
+    return text
 
 
 def anova_rows(a: Analysis) -> Table:
@@ -117,6 +143,8 @@ def regression_rows(a: Analysis) -> Table:
 
 
 def comparison_rows(a: Analysis) -> Table:
+    """The pooled paired comparisons, with what the undecided ones could have detected."""
+    power = f"{100 * a.power:.0f} % power"
     head = [
         "factor",
         "comparison (b − a)",
@@ -127,6 +155,8 @@ def comparison_rows(a: Analysis) -> Table:
         "p (Holm)",
         "significant",
         "paired over",
+        f"detectable at {power} (years)",
+        f"seeds to detect {a.min_effect:g} y",
     ]
     rows = [
         [
@@ -139,10 +169,42 @@ def comparison_rows(a: Analysis) -> Table:
             _p(r.p_holm),
             "yes" if r.significant else "no",
             r.strata,
+            _num(r.mde),
+            _seeds(r.seeds_needed),
         ]
         for r in a.comparisons.itertuples()
     ]
     return head, rows
+
+
+def power_note(a: Analysis) -> str:
+    return (
+        f"For each comparison not found significant: the smallest difference its pairs could "
+        f"detect with {100 * a.power:.0f} % power (two-sided paired t-test, from the observed "
+        f"spread of the differences, at level {power_level(a)}), and about how many replicate "
+        f"seeds would detect {a.min_effect:g} years (report.min_effect)."
+    )
+
+
+def best_rows(a: Analysis) -> Table:
+    """The paired test of the runner-up against the best cell (test MAE, runner-up − best)."""
+    b = a.best
+    t = b["test"]
+    conf = conf_label(a.confidence)
+    head = ["best", "runner-up", "seeds paired", "runner-up − best (years)", f"{conf} CI", "p"]
+    head += ["p (Holm)", "significant", f"detectable at {100 * a.power:.0f} % power (years)"]
+    head += [f"seeds to detect {a.min_effect:g} y"]
+    row = [b["best"]["cell"], b["runner_up"]["cell"], str(t["n_pairs"]), _num(t["diff"])]
+    row += [f"{_num(t['lo'])} to {_num(t['hi'])}", _p(t["p"]), _p(t.get("p_holm", math.nan))]
+    row += ["yes" if t.get("significant") else "no", _num(t.get("mde", math.nan))]
+    row += [_seeds(t.get("seeds_needed", math.nan))]
+    return head, [row]
+
+
+def _seeds(x: float) -> str:
+    if not isinstance(x, float | int) or math.isnan(x):
+        return "–"
+    return f"{x:.0f}" if math.isfinite(x) else "too many"
 
 
 def simple_rows(a: Analysis) -> Table:
@@ -363,6 +425,25 @@ def coverage_plot(a: Analysis) -> Figure | None:
     return fig
 
 
+def coverage_beta_plot(a: Analysis) -> Figure | None:
+    """Observed coverage at the MAE against each run's fitted shape β (with its interval),
+    the theoretical curve and the normal and Laplace points: by
+    :func:`agelab.plots.coverage_vs_beta_figure`. None for runs logged before β existed."""
+    done = a.complete
+    beta = done["shape_beta"].astype(float).to_numpy()
+    cov = done["coverage_at_mae"].astype(float).to_numpy()
+    ok = done[np.isfinite(beta) & np.isfinite(cov)]
+    if ok.empty:
+        return None
+    return coverage_vs_beta_figure(
+        ok["shape_beta"].astype(float).to_numpy(),
+        ok["shape_beta_low"].astype(float).to_numpy(),
+        ok["shape_beta_high"].astype(float).to_numpy(),
+        ok["coverage_at_mae"].astype(float).to_numpy(),
+        labels=ok["verdict"].fillna("").replace("", "n/a").astype(str).tolist(),
+    )
+
+
 def importance_plot(a: Analysis) -> Figure | None:
     if not a.importances:
         return None
@@ -401,6 +482,11 @@ FIGURES: list[tuple[str, str, Callable[..., Figure | None]]] = [
     ("interaction", "Interaction plot", interaction_plot),
     ("comparisons", "Paired comparisons", forest_plot),
     ("coverage", "Coverage at the MAE vs theory", coverage_plot),
+    (
+        "coverage_beta",
+        "Coverage at the MAE against the fitted residual shape β",
+        coverage_beta_plot,
+    ),
     ("importances", "Parameter importances", importance_plot),
 ]
 
@@ -420,25 +506,45 @@ figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.9em}.note{color:#666;font-size:.9em}
 """
 
-HOW_TO_READ = [
-    "Test MAE is the mean absolute error on the held-out test split (years); cells are chosen "
-    "by the calib split only, so the test numbers are not optimistically selected.",
-    "Intervals are two-sided t-intervals over replicates (seeds), not adjusted for multiple "
-    "comparisons; a cell with one replicate has none. Significance is decided by the "
-    "Holm-adjusted p-values only.",
-    "Paired comparisons match runs that share the seed and every other choice, so "
-    "run-to-run noise common to a pair cancels. Pairs pooled across the other factors are "
-    "treated as independent, which assumes no seed × choice interaction (as the ANOVA's seed "
-    "block does).",
-    "Every p-value the report may call significant (ANOVA effects and paired comparisons) is "
-    "Holm-adjusted as one family: the chance of any false 'significant' in this report is at "
-    "most alpha.",
-    "η² is the share of the total variance in test MAE explained by a term (type-II sums of "
-    "squares).",
-    "Coverage at the MAE: if residuals are normal, 57.5 % of errors fall within the MAE; if "
-    "Laplace, 63.2 %. The per-run verdict comes from the normality diagnostics (see "
-    "docs/diagnostics.md).",
-]
+
+def how_to_read(a: Analysis) -> list[str]:
+    """The caveats, in the report itself (some depend on the study: what a replicate varied,
+    the Holm family's size, the power level)."""
+    family = f"{a.family_size} tests" if a.family_size else "the tests"
+    return [
+        "Test MAE is the mean absolute error on the held-out test split (years); cells are "
+        "chosen by the calib split only, so the test numbers are not optimistically selected.",
+        "Intervals are two-sided t-intervals over replicates (seeds), not adjusted for multiple "
+        "comparisons; a cell with one replicate has none. Significance is decided by the "
+        "Holm-adjusted p-values only.",
+        replicate_note(a),
+        "Paired comparisons match runs that share the seed and every other choice, so "
+        "run-to-run noise common to a pair cancels. Pairs pooled across the other factors are "
+        "treated as independent, which assumes no seed × choice interaction (as the ANOVA's "
+        "seed block does).",
+        f"Every p-value the report may call significant (ANOVA effects, paired comparisons and "
+        f"the best cell against its runner-up; here {family}) is Holm-adjusted as one family: "
+        "the chance of any false 'significant' in this report is at most alpha.",
+        "The best cell is the one with the lowest mean calib MAE (the objective). The runner-up "
+        "is called not distinguishable only when the paired test of the two cells' test MAE "
+        "(same seeds) is not significant in that family; overlapping intervals decide nothing.",
+        f"'No detectable difference' is not 'no difference': for each undecided paired test the "
+        f"report states the smallest difference its pairs could detect with "
+        f"{100 * a.power:.0f} % power (two-sided, from the observed spread of the paired "
+        f"differences, at level {power_level(a)}, which guarantees a Holm rejection whatever "
+        f"the other tests say) and about how many seeds would detect {a.min_effect:g} years "
+        "(report.min_effect).",
+        "η² is the share of the total variance in test MAE explained by a term (type-II sums of "
+        "squares).",
+        "Coverage at the MAE: if residuals are normal, 57.5 % of errors fall within the MAE; if "
+        "Laplace, 63.2 %. A generalised normal with shape β (2 normal, 1 Laplace, lower is "
+        "heavier-tailed) predicts the share for every shape in between and beyond; the per-run "
+        "label comes from β's interval, a skewness test and a tail check (see "
+        "docs/diagnostics.md).",
+        "The conformal interval (prediction ± half-width) is calibrated on held-out faces: at "
+        "least 90 % of new faces fall inside it on average when they are exchangeable with the "
+        "calibration faces (same population, no selection on those faces).",
+    ]
 
 
 def write(
@@ -539,7 +645,7 @@ def _markdown(a: Analysis, page: _Page) -> str:
         md += ["## Figures", ""]
         md += [f"![{t}](figures/{p.name})" for _n, t, p in page.figs]
         md.append("")
-    md += ["## How to read this", "", *[f"- {s}" for s in HOW_TO_READ], ""]
+    md += ["## How to read this", "", *[f"- {s}" for s in how_to_read(a)], ""]
     return "\n".join(md)
 
 
@@ -570,7 +676,7 @@ def _html(a: Analysis, page: _Page) -> str:
                 "</figcaption></figure>"
             )
     h.append("<h2>How to read this</h2><ul>")
-    h += [f"<li>{html.escape(s)}</li>" for s in HOW_TO_READ]
+    h += [f"<li>{html.escape(s)}</li>" for s in how_to_read(a)]
     h.append("</ul></body></html>")
     return "\n".join(h)
 
@@ -579,7 +685,7 @@ def _sections(a: Analysis) -> list[tuple[str, list[tuple[str, Any]]]]:
     out: list[tuple[str, list[tuple[str, Any]]]] = []
     if a.missing:
         out.append(("What is missing", [("text", "; ".join(a.missing))]))
-    out.append(("Cells", [("table", cells_table(a))]))
+    out.append(("Cells", [("table", cells_table(a)), ("text", cells_note(a))]))
     if a.anova is not None:
         body: list[tuple[str, Any]] = [("table", anova_rows(a))]
         if a.anova_note:
@@ -592,7 +698,9 @@ def _sections(a: Analysis) -> list[tuple[str, list[tuple[str, Any]]]]:
             ("Regression of test MAE on the searched parameters", [("table", regression_rows(a))])
         )
     if len(a.comparisons):
-        out.append(("Paired comparisons", [("table", comparison_rows(a))]))
+        out.append(("Paired comparisons", [("table", comparison_rows(a)), ("text", power_note(a))]))
+    if (a.best or {}).get("test"):
+        out.append(("Best cell against the runner-up", [("table", best_rows(a))]))
     if len(a.simple_effects):
         out.append(
             (

@@ -1,12 +1,15 @@
 """The statistics behind the report, as pure functions of a runs table.
 
 Small pieces (t-intervals, the paired t-test, Holm's step-down adjustment), the type-II ANOVA
-of test MAE with the replicate seed as a block, paired comparisons of factor levels, and the
-observed coverage at the MAE against the normal and Laplace predictions.
+of test MAE with the replicate seed as a block, paired comparisons of factor levels, the best
+cell against its runner-up (paired on seed), the power of a paired t-test (what an undecided
+comparison could have detected, and the seeds that would detect a given effect), and the
+observed coverage at the MAE against the normal, Laplace and fitted-shape (β) predictions.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -18,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from agelab.metrics import LAPLACE_CS_AT_MAE, NORMAL_CS_AT_MAE
+from agelab.metrics import LAPLACE_CS_AT_MAE, NORMAL_CS_AT_MAE, coverage_at_mae_for_beta
 from agelab.report.design import Design
 
 
@@ -217,6 +220,7 @@ def _pretty_coef(term: str, names: dict[str, str]) -> str:
 
 COMPARISON_COLUMNS = [
     "factor", "key", "level_a", "level_b", "n_pairs", "diff", "lo", "hi", "p", "strata",
+    "sd", "n_seeds",
 ]  # fmt: skip
 SIMPLE_COLUMNS = ["factor", "level_a", "level_b", "at", "n_pairs", "diff", "lo", "hi"]
 
@@ -283,6 +287,8 @@ def _compare_levels(
                 "hi": hi,
                 "p": paired_test(d),
                 "strata": strata or ("1 pair" if n == 1 else ""),
+                "sd": float(np.std(d, ddof=1)) if n >= 2 else math.nan,
+                "n_seeds": int(idx["seed"].nunique()) if n else 0,
             }
         )
         simple += _per_level(d, idx, others, design, design.label(f), a_s, b_s, confidence)
@@ -359,3 +365,160 @@ def coverage_summary(complete: pd.DataFrame, confidence: float) -> dict[str, Any
         else:
             out["fits"] = "below" if mean < NORMAL_CS_AT_MAE else "above"
     return out
+
+
+# ------------------------------------------------------------------- best cell vs runner-up
+
+
+def cell_pair_test(
+    complete: pd.DataFrame,
+    design: Design,
+    best: dict[str, Any],
+    runner: dict[str, Any],
+    confidence: float,
+) -> dict[str, Any]:
+    """The runner-up's test MAE minus the best cell's, paired on the replicate seed.
+
+    Both cells are identified by their values of every searched key; runs of one cell that
+    share a seed (TPE repeats) are averaged first. Returns the pairs, the mean difference with
+    its t-interval, the paired t-test's p, the differences' standard deviation and the keys in
+    which the two cells differ."""
+
+    def per_seed(cell: dict[str, Any]) -> pd.Series:
+        mask = np.ones(len(complete), dtype=bool)
+        for k in design.keys:
+            mask &= (complete[k].astype(str) == str(cell[k])).to_numpy()
+        runs = complete[mask]
+        return runs.groupby(runs["seed"].astype(str))["mae"].mean()
+
+    both = pd.concat({"best": per_seed(best), "runner": per_seed(runner)}, axis=1).dropna()
+    d = (both["runner"] - both["best"]).to_numpy(dtype=float)
+    mean, lo, hi, n = t_interval(d, confidence)
+    return {
+        "n_pairs": n,
+        "n_seeds": n,
+        "diff": mean,
+        "lo": lo,
+        "hi": hi,
+        "p": paired_test(d),
+        "sd": float(np.std(d, ddof=1)) if n >= 2 else math.nan,
+        "differs": [design.label(k) for k in design.keys if str(best[k]) != str(runner[k])],
+    }
+
+
+# ------------------------------------------------------------------------------------ power
+
+
+def paired_power(n: float, effect: float, alpha: float) -> float:
+    """Power of the two-sided paired (one-sample) t-test with ``n`` pairs at the standardised
+    effect ``effect`` = mean difference / sd of the differences, at level ``alpha``: the
+    noncentral t with n − 1 degrees of freedom and noncentrality effect·√n beyond either
+    critical value (the formula of statsmodels' ``TTestPower``). Where scipy's noncentral t
+    gives up (large noncentrality, few degrees of freedom) the same probability is integrated
+    over the chi-square of the sample variance."""
+    df = n - 1.0
+    crit = float(stats.t.isf(alpha / 2.0, df))
+    nc = effect * math.sqrt(n)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    if not math.isfinite(p):
+        p = power_by_integral(df, crit, nc)
+    return min(max(p, 0.0), 1.0)
+
+
+@functools.cache
+def _legendre(nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.polynomial.legendre.leggauss(nodes)
+
+
+def power_by_integral(df: float, crit: float, nc: float, nodes: int = 400) -> float:
+    """P(|T| > crit) for T noncentral t(df, nc), as an integral over the chi-square quantile u
+    of the sample variance: the mean over u of P(|Z + nc| > crit·√(χ²_u / df)), by
+    Gauss–Legendre quadrature on (0, 1)."""
+    x, w = _legendre(nodes)
+    u = (x + 1.0) / 2.0
+    s = crit * np.sqrt(stats.chi2.ppf(u, df) / df)
+    inside = stats.norm.sf(s - nc) + stats.norm.cdf(-s - nc)
+    return float(np.sum(w * inside) / 2.0)
+
+
+def detectable_difference(sd: float, n: int, alpha: float, power: float = 0.8) -> float:
+    """The smallest difference (years) the paired t-test detects with probability ``power``
+    from ``n`` pairs whose differences have standard deviation ``sd``; NaN if n < 2 or sd is
+    not positive."""
+    if n < 2 or not sd > 0:
+        return math.nan
+    from scipy.optimize import brentq
+
+    hi = 1.0
+    while paired_power(n, hi, alpha) < power:
+        hi *= 2.0
+        if hi > 1e6:
+            return math.inf
+    return float(brentq(lambda e: paired_power(n, e, alpha) - power, 0.0, hi, xtol=1e-10)) * sd
+
+
+def pairs_needed(sd: float, effect: float, alpha: float, power: float = 0.8) -> float:
+    """Pairs (a real number, ≥ 2) at which the paired t-test reaches ``power`` for a true
+    difference of ``effect`` years when the differences have standard deviation ``sd``; inf
+    beyond ten million, NaN when sd is not positive."""
+    if not sd > 0 or not effect > 0:
+        return math.nan
+    from scipy.optimize import brentq
+
+    e = effect / sd
+    if paired_power(2, e, alpha) >= power:
+        return 2.0
+    hi = 4.0
+    while paired_power(hi, e, alpha) < power:
+        hi *= 2.0
+        if hi > 1e7:
+            return math.inf
+    return float(brentq(lambda n: paired_power(n, e, alpha) - power, 2.0, hi, xtol=1e-6))
+
+
+def power_of(
+    sd: float,
+    n_pairs: int,
+    n_seeds: int,
+    *,
+    alpha: float,
+    power: float,
+    min_effect: float,
+) -> dict[str, float]:
+    """What an undecided paired comparison could have found: the detectable difference with
+    its ``n_pairs`` (``mde``), and about how many seeds would detect ``min_effect`` years
+    (``seeds_needed``: pairs grow by n_pairs / n_seeds per added seed)."""
+    mde = detectable_difference(sd, n_pairs, alpha, power)
+    need = pairs_needed(sd, min_effect, alpha, power)
+    per_seed = n_pairs / n_seeds if n_seeds else math.nan
+    seeds = max(2.0, math.ceil(need / per_seed - 1e-9)) if math.isfinite(need) else need
+    return {"mde": mde, "seeds_needed": seeds, "power_alpha": alpha}
+
+
+# ----------------------------------------------------------------------- residual shape (β)
+
+
+def shape_summary(complete: pd.DataFrame, confidence: float) -> dict[str, Any]:
+    """Fitted residual shape β across runs (generalised normal: 2 normal, 1 Laplace) and the
+    share within the MAE it predicts, next to the observed share of the same runs."""
+    beta = complete["shape_beta"].astype(float)
+    ok = complete[np.isfinite(beta.to_numpy())]
+    mean, lo, hi, n = t_interval(ok["shape_beta"], confidence)
+    if n == 0:
+        return {"n": 0}
+    predicted = ok["coverage_at_mae_gennorm"].astype(float)
+    if not np.isfinite(predicted).all():  # runs before the metric: from their β
+        predicted = pd.Series(coverage_at_mae_for_beta(ok["shape_beta"].astype(float).to_numpy()))
+    obs_mean, obs_lo, obs_hi, _ = t_interval(ok["coverage_at_mae"], confidence)
+    return {
+        "n": n,
+        "beta": mean,
+        "beta_lo": lo,
+        "beta_hi": hi,
+        "predicted": float(predicted.mean()),
+        "observed": obs_mean,
+        "observed_lo": max(obs_lo, 0.0),
+        "observed_hi": min(obs_hi, 1.0),
+    }

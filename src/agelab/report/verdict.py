@@ -12,7 +12,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from agelab.metrics import LAPLACE_CS_AT_MAE, NORMAL_CS_AT_MAE
-from agelab.report.design import STATES
+from agelab.report.design import STATES, VARIES
 from agelab.report.text import conf_label, format_p, pct, years
 
 if TYPE_CHECKING:
@@ -125,7 +125,35 @@ def _comparison(a: Analysis, r: Any) -> str:
             "correction for the report's other tests: borderline, replicate before relying "
             "on it"
         )
-    return text + _anova_disagrees(a, r.factor) + "."
+    text += _anova_disagrees(a, r.factor)
+    return text + power_clause(a, r.mde, r.seeds_needed, int(r.n_seeds), int(r.n_pairs)) + "."
+
+
+def power_level(a: Analysis) -> str:
+    """The level of the power statements, as the report writes it: ``0.05/10 = 0.005``."""
+    if a.family_size <= 1:
+        return f"{a.alpha:g}"
+    return f"{a.alpha:g}/{a.family_size} = {a.power_alpha:.2g}"
+
+
+def power_clause(a: Analysis, mde: float, seeds_needed: float, n_seeds: int, n_pairs: int) -> str:
+    """What an undecided paired test could have found: "; 3 seeds could not have detected
+    less than 0.61 years (…); about 12 seeds would detect 0.25 years" ('' if unknown)."""
+    if not isinstance(mde, float | int) or math.isnan(mde):
+        return ""
+    basis = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
+    if n_pairs != n_seeds:
+        basis += f" ({n_pairs} pairs)"
+    how = f"{100 * a.power:.0f} % power, two-sided, level {power_level(a)}"
+    effect = f"{a.min_effect:g} years"
+    if not math.isfinite(mde):
+        return f"; {basis} are too few to detect any difference ({how}), add seeds"
+    text = f"; {basis} could not have detected less than {years(mde)} years ({how})"
+    if mde <= a.min_effect:
+        return text + f", so a difference of {effect} would likely have been found"
+    if not math.isfinite(seeds_needed):
+        return text + f"; detecting {effect} would take more seeds than is practical"
+    return text + f"; about {int(seeds_needed)} seeds would detect {effect}"
 
 
 def _anova_disagrees(a: Analysis, factor: str) -> str:
@@ -214,42 +242,111 @@ def _importances(a: Analysis) -> list[str]:
 
 
 def _best(a: Analysis) -> list[str]:
-    """The best cell by the objective and how it stands against the runner-up."""
+    """The best cell by the objective, how it stands against the runner-up (a paired test in
+    the report's Holm family), and its errors in plain terms."""
     b = a.best
     if not b:
         return []
     c = conf_label(a.confidence)
     best = b["best"]
+    text = ""
+    if b["by"] == "mae":
+        text = (
+            "No run logged a calib MAE (the objective), so cells are ranked by test MAE "
+            "instead: the split they are also measured on, which flatters the best cell. "
+        )
     by = "calib MAE" if b["by"] == "calib_mae" else "test MAE"
     ci = (
         f", {c} CI {years(best['mae_lo'])}–{years(best['mae_hi'])}"
         if math.isfinite(best["mae_lo"])
         else ""
     )
-    text = (
+    text += (
         f"Best cell by {by}: {best['cell']}, test MAE {years(best['mae'])} years{ci} "
         f"({best['n']} replicate(s))."
     )
-    runner = b["runner_up"]
-    if runner is None:
-        return [text]
-    r_ci = f"CI {years(runner['mae_lo'])}–{years(runner['mae_hi'])}"
-    if b["distinguishable"] is None:
+    if b["unranked"]:
         text += (
-            f" Runner-up {runner['cell']} ({years(runner['mae'])}): too few replicates "
-            "to tell them apart."
+            f" Not ranked: {len(b['unranked'])} cell(s) whose runs logged no calib MAE "
+            f"({', '.join(b['unranked'])})."
         )
-    elif not b["distinguishable"]:
-        text += (
-            f" Runner-up {runner['cell']} ({years(runner['mae'])}, {r_ci}) is not "
-            "distinguishable from it (the intervals overlap)."
+    if b["runner_up"] is not None:
+        text += " " + _runner_up(a, b["runner_up"], b["test"])
+    return [text, *_pm(a)]
+
+
+def _runner_up(a: Analysis, runner: dict[str, Any], test: dict[str, Any] | None) -> str:
+    """The runner-up against the best cell: decided by the paired test on test MAE (runner-up
+    − best, same seeds, Holm-adjusted with the report's other tests), never by overlap."""
+    name = f"{runner['cell']} ({years(runner['mae'])})"
+    if test is None:
+        return (
+            f"Runner-up {name} is not tested against it: the test MAE that ranked the two "
+            "would also test them."
         )
-    else:
-        text += (
-            f" Its test-MAE interval does not overlap the runner-up's ({runner['cell']}, "
-            f"{years(runner['mae'])}, {r_ci})."
+    if test["n_pairs"] < 2:
+        return (
+            f"Runner-up {name}: too few replicates to tell them apart ({test['n_pairs']} "
+            "seed(s) shared)."
         )
-    return [text]
+    if not math.isfinite(test["p"]):
+        return (
+            f"Runner-up {name}: on all {test['n_pairs']} shared seeds it differs by exactly "
+            f"{test['diff']:+.2f} years — no variation to test (identical runs?)."
+        )
+    c = conf_label(a.confidence)
+    names = test["differs"] or ["nothing searched"]
+    differs = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    basis = (
+        f"{c} CI {years(test['lo'])} to {years(test['hi'])}, Holm-adjusted "
+        f"{format_p(test['p_holm'])}, paired over {test['n_pairs']} seeds; the cells differ "
+        f"in {differs}"
+    )
+    if test["significant"] and test["diff"] > 0:
+        return (
+            f"It is ahead of the runner-up {name} on test MAE by {years(test['diff'])} years "
+            f"({basis})."
+        )
+    if test["significant"]:
+        return (
+            f"But the runner-up {name} has the lower test MAE, by {years(-test['diff'])} years "
+            f"({basis}): the calib ranking does not carry over to the test split."
+        )
+    return (
+        f"Runner-up {name} is not distinguishable from it on test MAE ({test['diff']:+.2f} "
+        f"years, {basis})"
+        + power_clause(a, test.get("mde", math.nan), test.get("seeds_needed", math.nan),
+                       test["n_pairs"], test["n_pairs"])
+        + "."
+    )  # fmt: skip
+
+
+def _pm(a: Analysis) -> list[str]:
+    """The best cell's errors as a product manager reads them."""
+    pm = (a.best or {}).get("pm") or {}
+    parts = []
+    if math.isfinite(pm.get("years_50", math.nan)):
+        parts.append(f"half of the faces within {years(pm['years_50'])} years")
+    if math.isfinite(pm.get("years_80", math.nan)):
+        parts.append(f"80 % within {years(pm['years_80'])}")
+    half = pm.get("conformal_90_half", math.nan)
+    if half == math.inf:
+        parts.append(
+            f"no finite 90 % conformal interval ({pm['conformal_90_unbounded']} run(s) had too "
+            "few calibration faces for one)"
+        )
+    elif math.isfinite(half):
+        seen = pm.get("conformal_90_coverage", math.nan)
+        parts.append(
+            f"90 % within ±{years(half)} (split-conformal: at least 90 % is guaranteed when new "
+            "faces are exchangeable with the calibration faces"
+            + (f"; it covered {pct(seen)} of the test faces" if math.isfinite(seen) else "")
+            + ")"
+        )
+    if not parts:
+        return []
+    runs = f"mean of its {pm['n']} runs" if pm["n"] > 1 else "its one run"
+    return [f"In plain terms, the best cell ({runs}, test split): {', '.join(parts)}."]
 
 
 def _coverage(a: Analysis) -> list[str]:
@@ -268,5 +365,47 @@ def _coverage(a: Analysis) -> list[str]:
         f"Across {cov['n']} run(s) the share of test errors within the MAE averaged "
         f"{pct(cov['mean'])}{ci}; normal residuals predict {pct(NORMAL_CS_AT_MAE)}, "
         f"Laplace {pct(LAPLACE_CS_AT_MAE)}: {fits}. {cov['closer_to_normal']} of "
-        f"{cov['n']} runs are closer to the normal prediction. Per-run shape verdicts: {vs}."
+        f"{cov['n']} runs are closer to the normal prediction. Per-run shape verdicts: {vs}.",
+        *_shape(a),
     ]
+
+
+def _shape(a: Analysis) -> list[str]:
+    """The rule of thumb generalised by the fitted shape β (2 normal, 1 Laplace)."""
+    sh = a.coverage.get("shape") or {}
+    if not sh.get("n"):
+        return []
+    ci = (
+        f" ({conf_label(a.confidence)} CI {sh['beta_lo']:.2f}–{sh['beta_hi']:.2f})"
+        if sh["n"] > 1
+        else ""
+    )
+    return [
+        f"Residual shape across {sh['n']} run(s): generalised-normal β averaged "
+        f"{sh['beta']:.2f}{ci}, where β = 2 is normal and β = 1 Laplace. With shape "
+        f"β ≈ {sh['beta']:.2f}, {pct(sh['predicted'])} fall within the MAE (observed "
+        f"{pct(sh['observed'])}); normal predicts {pct(NORMAL_CS_AT_MAE)}, Laplace "
+        f"{pct(LAPLACE_CS_AT_MAE)}."
+    ]
+
+
+def replicate_note(a: Analysis) -> str:
+    """What a replicate seed varied, so the reader knows what the intervals cover."""
+    varies = a.design.replicate_varies
+    if varies is None:
+        what = (
+            "the initialisation, batch order and augmentation only (train.seed): every "
+            "replicate used the same data split"
+        )
+    else:
+        what = " and ".join(VARIES.get(v, v) for v in varies)
+        if "split" not in varies:
+            what += ", not the data split (every replicate used the same one)"
+    text = (
+        f"A replicate seed varied {what}; every cell of one replicate shares its seed"
+        + (" and split" if varies and "split" in varies else "")
+        + ", so pairs stay paired. The intervals over replicates cover that variation only."
+    )
+    if a.n_splits:
+        text += f" The completed runs used {a.n_splits} distinct data split(s)."
+    return text
