@@ -142,6 +142,14 @@ class SplitConfig(Strict):
     test: float = Field(0.15, gt=0, lt=1)
     seed: Seed = 0
     band_width: float = Field(10.0, gt=0, description="age band width for stratification")
+    fold: str | None = Field(
+        None, description="with a manifest 'fold' column: the fold that is the test split"
+    )
+
+    @field_validator("fold", mode="before")
+    @classmethod
+    def _fold_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -155,6 +163,33 @@ class SplitConfig(Strict):
         return self
 
 
+class TestSourceConfig(Strict):
+    """A second source whose every image is the test split (cross-dataset evaluation): the
+    main source then gives train, calib and conformal only. Decoded like the main source."""
+
+    source: str
+    path: UserPath | None = Field(None, description="folder or CSV manifest of the test faces")
+    on_bad: Literal["error", "skip"] | None = Field(None, description="default: data.on_bad")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        from agelab.data.sources import SOURCES
+
+        return _check_name("source", v, SOURCES)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> TestSourceConfig:
+        if self.source != "synthetic" and self.path is None:
+            raise ValueError(f"data.test.path is required for source {self.source!r}")
+        if self.source == "synthetic":
+            raise ValueError(
+                "data.test: a synthetic test set would be drawn by the same generator as the "
+                "training faces; use a real source (utkface, fgnet, csv)"
+            )
+        return self
+
+
 class DataConfig(Strict):
     source: str = "synthetic"
     path: UserPath | None = Field(None, description="folder (utkface, fgnet) or CSV manifest (csv)")
@@ -164,6 +199,9 @@ class DataConfig(Strict):
     max_age: float = Field(120.0, gt=0, le=150)
     synthetic: SynthConfig = SynthConfig()
     split: SplitConfig = SplitConfig()
+    test: TestSourceConfig | None = Field(
+        None, description="a second source used as the test split (cross-dataset evaluation)"
+    )
     cache_dir: UserPath | None = Field(
         None, description="default: $AGELAB_CACHE_DIR or .cache/agelab"
     )

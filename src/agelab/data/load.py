@@ -41,7 +41,7 @@ from agelab.data.sources import (
     read_manifest,
     summarize_bad,
 )
-from agelab.data.split import assign_splits, split_summary
+from agelab.data.split import assign_splits, protocol_checks, split_summary
 from agelab.errors import DataError
 
 if TYPE_CHECKING:
@@ -100,9 +100,12 @@ def _finish(
     true_ages: np.ndarray | None = None,
     paths: np.ndarray | None = None,
     duplicates: np.ndarray | None = None,
+    given: np.ndarray | None = None,
 ) -> FaceDataset:
     """Split the arrays and wrap them, with the split and label summaries added to ``info``."""
-    split = assign_splits(ages, subjects, cfg.split, duplicates)
+    split = assign_splits(ages, subjects, cfg.split, duplicates, given)
+    if given is not None:
+        info["protocol"] = _protocol_summary(split, subjects, duplicates)
     info.update(_age_stats(ages))
     info["n_images"] = len(ages)
     info.setdefault("duplicates", duplicate_summary(np.full(len(ages), -1), [], []))
@@ -121,6 +124,23 @@ def _finish(
         paths=paths,
         info=info,
     )
+
+
+def _protocol_summary(
+    split: np.ndarray, subjects: np.ndarray, duplicates: np.ndarray | None
+) -> dict[str, Any]:
+    """A given protocol's checks (see :func:`.split.protocol_checks`), said on stderr when
+    something sits in more than one split."""
+    dup = duplicates if duplicates is not None else np.full(len(split), -1)
+    checks = protocol_checks(split, subjects, dup)
+    problems = [f"{n} {what.replace('_', ' ')}" for what, n in checks.items() if n]
+    if problems:
+        print(
+            f"agelab: the given splits put {'; '.join(problems)} (a face of a test person, or "
+            "a copy of a test image, is trained on: the test MAE is optimistic)",
+            file=sys.stderr,
+        )
+    return checks
 
 
 # -------------------------------------------------------------------------- synthetic
@@ -289,6 +309,31 @@ def _real_info(
 
 
 def _load_real(cfg: DataConfig, progress: bool) -> FaceDataset:
+    images, table, info, fp = _real_arrays(cfg, progress)
+    if cfg.test is not None:
+        images, table, info, fp = _with_test_source(cfg, images, table, info, fp, progress)
+    given = _given_splits(cfg, table)
+    duplicates = _duplicates(table, info)
+    if given is not None:  # a fixed protocol: part of what the study's numbers mean
+        fp = fingerprint({"data": fp, "given_splits": given.tolist()})
+    return _finish(
+        cfg,
+        images=images,
+        ages=table["age"].to_numpy(dtype=np.float32),
+        subjects=np.asarray(table["subject"].tolist(), dtype=str),
+        paths=np.asarray(table["path"].tolist(), dtype=str),
+        fp=fp,
+        info=info,
+        duplicates=duplicates,
+        given=given,
+    )
+
+
+def _real_arrays(
+    cfg: DataConfig, progress: bool
+) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any], str]:
+    """One real source: (decoded images, the usable rows, info, fingerprint), from the cache
+    when it has them."""
     assert cfg.path is not None  # guaranteed by DataConfig validation
     manifest = read_manifest(cfg.source, cfg.path, max_age=cfg.max_age, on_bad=cfg.on_bad)
     fp = _real_fingerprint(cfg, manifest)
@@ -305,27 +350,73 @@ def _load_real(cfg: DataConfig, progress: bool) -> FaceDataset:
     info["cache_hit"] = entry is not None
     info["cache_file"] = str(side) if side else None
     info["notes"] = manifest.notes
-    t = manifest.table[ok]
-    duplicates = _duplicates(t, manifest, info)
-    return _finish(
-        cfg,
-        images=arrays["images"],
-        ages=t["age"].to_numpy(dtype=np.float32),
-        subjects=np.asarray(t["subject"].tolist(), dtype=str),
-        paths=np.asarray(t["path"].tolist(), dtype=str),
-        fp=fp,
-        info=info,
-        duplicates=duplicates,
-    )
+    table = manifest.table[ok].reset_index(drop=True)
+    table.attrs["origin"] = str(manifest.origin)
+    return np.asarray(arrays["images"]), table, info, fp
 
 
-def _duplicates(table: pd.DataFrame, manifest: Manifest, info: dict[str, Any]) -> np.ndarray:
+def _with_test_source(
+    cfg: DataConfig,
+    images: np.ndarray,
+    table: pd.DataFrame,
+    info: dict[str, Any],
+    fp: str,
+    progress: bool,
+) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any], str]:
+    """``data.test``: every image of a second source is the test split; the main source's
+    rows keep only train, calib and conformal (any split they give is not used)."""
+    import pandas as pd
+
+    test = cfg.test
+    assert test is not None and test.path is not None
+    test_cfg = cfg.model_copy(
+        update={"source": test.source, "path": test.path, "on_bad": test.on_bad or cfg.on_bad,
+                "test": None}
+    )  # fmt: skip
+    t_images, t_table, t_info, t_fp = _real_arrays(test_cfg, progress)
+    table = table.assign(split="train", fold="")
+    # Paths stay readable and unambiguous: the test rows say where they come from.
+    t_table = t_table.assign(split="test", fold="", path="test:" + t_table["path"])
+    info["test_source"] = {k: t_info[k] for k in ("source", "path", "n_rows", "n_bad")}
+    merged = pd.concat([table, t_table], ignore_index=True)
+    merged.attrs["origin"] = f"{table.attrs.get('origin')} + {t_table.attrs.get('origin')}"
+    both = fingerprint({"main": fp, "test": t_fp})
+    return np.concatenate([images, t_images]), merged, info, both
+
+
+def _given_splits(cfg: DataConfig, table: pd.DataFrame) -> np.ndarray | None:
+    """The split each row is given by a fixed protocol (a ``split`` column, a ``fold``
+    column with ``data.split.fold``, or ``data.test``), or None: draw them all."""
+    folds = table["fold"].astype(str) if "fold" in table else None
+    has_folds = folds is not None and (folds != "").any()
+    if cfg.split.fold is not None:
+        if not has_folds:
+            raise DataError(
+                f"data.split.fold={cfg.split.fold} but the manifest has no fold column: add "
+                "one (path,age,fold) or remove data.split.fold"
+            )
+        if not (folds == cfg.split.fold).any():
+            found = ", ".join(sorted(set(folds) - {""})[:20])
+            raise DataError(f"no row is in fold {cfg.split.fold!r}; the folds are: {found}")
+        return np.where(folds == cfg.split.fold, "test", "train").astype("<U9")
+    if has_folds and not ("split" in table and (table["split"] != "").any()):
+        found = ", ".join(sorted(set(folds) - {""})[:20])
+        raise DataError(
+            f"the manifest has a fold column (folds: {found}): choose the test fold with "
+            "data.split.fold=<fold>"
+        )
+    if "split" in table and (table["split"] != "").any():
+        return table["split"].to_numpy(dtype="<U9")
+    return None
+
+
+def _duplicates(table: pd.DataFrame, info: dict[str, Any]) -> np.ndarray:
     """Content groups of the usable rows; the summary goes to ``info["duplicates"]`` and,
     when there are any, to stderr. Not cached: only files whose size another file shares
     are read, which costs little next to a cache load."""
     groups = content_groups(table["file"].tolist(), table["size"].tolist())
     info["duplicates"] = duplicate_summary(groups, table["path"].tolist(), table["age"].tolist())
-    line = format_duplicates(info["duplicates"], manifest.origin)
+    line = format_duplicates(info["duplicates"], table.attrs.get("origin", ""))
     if line:
         print(f"agelab: {line}", file=sys.stderr)
     return groups

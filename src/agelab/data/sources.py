@@ -60,11 +60,13 @@ AGE_TOO_HIGH = "age above max_age"
 NON_INTEGER_AGE = "age is not an integer"
 MALFORMED_ROW = "wrong number of fields"
 BAD_QUOTE = "bad quoting"
+BAD_SPLIT = "unknown split"
 
 #: Every reason a row can be rejected for, in the order checks run.
 REASONS = (
     BAD_QUOTE,
     MALFORMED_ROW,
+    BAD_SPLIT,
     NAME_PATTERN,
     MISSING_PATH,
     NUL_IN_PATH,
@@ -87,6 +89,7 @@ REASONS = (
 #: What to do about each reason (appended to the DataError message).
 HINTS = {
     BAD_QUOTE: 'close the quote or remove it; a quote inside a quoted field is written ""',
+    BAD_SPLIT: "write train, calib, conformal or test (or leave it empty: the split is drawn)",
     MALFORMED_ROW: "quote fields that contain commas, or fix the row",
     NAME_PATTERN: "rename or move the file out of the folder",
     MISSING_PATH: "fill in the path or remove the row",
@@ -183,7 +186,11 @@ def format_bad_summary(
 
 BOX_COLUMNS = ("x", "y", "w", "h")
 REQUIRED_COLUMNS = ("path", "age")
-OPTIONAL_COLUMNS = ("subject", *BOX_COLUMNS)
+#: ``split``: a given split per row (published protocols: honoured instead of the random
+#: split); ``fold``: a fold id per row (``data.split.fold`` names the fold that is the test).
+PROTOCOL_COLUMNS = ("split", "fold")
+OPTIONAL_COLUMNS = ("subject", *BOX_COLUMNS, *PROTOCOL_COLUMNS)
+GIVEN_SPLITS = ("train", "calib", "conformal", "test")
 
 
 @dataclass
@@ -192,6 +199,7 @@ class Manifest:
 
     ``table`` columns: ``path`` (relative to ``root``, POSIX), ``age`` (float), ``subject``
     (str, "" when unknown), ``x, y, w, h`` (only when the source has boxes; NaN → no box),
+    ``split`` and ``fold`` (str, "" when the manifest gives none: see PROTOCOL_COLUMNS),
     plus bookkeeping: ``where`` (for messages), ``file`` (resolved absolute path),
     ``size`` and ``mtime_ns`` (part of the cache fingerprint).
     """
@@ -215,6 +223,7 @@ def _empty_table(has_boxes: bool) -> dict[str, list]:
         "age",
         "subject",
         *(BOX_COLUMNS if has_boxes else ()),
+        *PROTOCOL_COLUMNS,
         "where",
         "file",
         "size",
@@ -491,6 +500,8 @@ def _read_folder(
         cols["path"].append(name)
         cols["age"].append(age)
         cols["subject"].append(subject_of(m))
+        cols["split"].append("")
+        cols["fold"].append("")
         _append_file(cols, where, real, st)
     notes = [f"ignored {len(subdirs)} subfolder(s): {', '.join(subdirs[:5])}"] if subdirs else []
     return Manifest(source, root, root, _frame(cols), bad, len(names), False, notes)
@@ -597,7 +608,8 @@ def _parse_box(cells: list[str], where: str, bad: BadRows) -> tuple[float, ...] 
 
 
 def read_csv(path: str | Path, *, max_age: float = 120.0, on_bad: OnBad = "error") -> Manifest:
-    """A CSV manifest: ``path, age[, subject][, x, y, w, h]``; paths relative to its folder.
+    """A CSV manifest: ``path, age[, subject][, x, y, w, h][, split][, fold]``; paths
+    relative to its folder. A ``split`` or ``fold`` column gives a fixed test protocol.
 
     Ages may be fractional (e.g. 25.5 years). Blank lines (and lines with only commas) are
     ignored; extra columns are ignored; rows with fewer fields than the header are padded
@@ -734,6 +746,10 @@ def _csv_row(
     box = _parse_box([row[index[c]] for c in BOX_COLUMNS], where, bad) if has_boxes else ()
     if box is None:
         return
+    given = row[index["split"]].strip().lower() if "split" in index else ""
+    if given and given not in GIVEN_SPLITS:
+        bad.add(BAD_SPLIT, where, f"split {given!r}")
+        return
     st = checker.check_file(real, rel, where)
     if st is None:
         return
@@ -742,6 +758,8 @@ def _csv_row(
     cols["subject"].append(row[index["subject"]].strip() if "subject" in index else "")
     for c, v in zip(BOX_COLUMNS, box, strict=False):
         cols[c].append(v)
+    cols["split"].append(given)
+    cols["fold"].append(row[index["fold"]].strip() if "fold" in index else "")
     _append_file(cols, where, real, st)
 
 

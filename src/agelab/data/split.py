@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,18 +68,34 @@ def assign_splits(
     subjects: np.ndarray | None,
     cfg: SplitConfig,
     duplicates: np.ndarray | None = None,
+    given: np.ndarray | None = None,
 ) -> np.ndarray:
     """Split label ("train" | "calib" | "conformal" | "test") per image. Deterministic in
     ``cfg.seed``; a split whose share is 0 (``conformal``) gets no image.
 
     ``duplicates``: a content-group id per image (-1: no twin), from
-    :func:`agelab.data.sources.content_groups`; images sharing an id share a split."""
+    :func:`agelab.data.sources.content_groups`; images sharing an id share a split.
+    ``given``: a split per image from a fixed protocol ("" where none is given), honoured
+    instead of the draw: see :func:`_given_splits`."""
     ages, subjects = _check_inputs(ages, subjects)
+    if given is not None and (np.asarray(given) != "").any():
+        return _given_splits(ages, subjects, cfg, duplicates, np.asarray(given, dtype=str))
+    return _draw(ages, subjects, cfg, _fractions_of(cfg), duplicates)
+
+
+def _draw(
+    ages: np.ndarray,
+    subjects: np.ndarray,
+    cfg: SplitConfig,
+    wanted: np.ndarray,
+    duplicates: np.ndarray | None,
+) -> np.ndarray:
+    """The seeded, stratified, subject-disjoint draw with the shares ``wanted`` (per SPLITS)."""
     n = len(ages)
     group_of, n_groups = _groups(subjects)
     if duplicates is not None:
         group_of, n_groups = _join_duplicates(group_of, n_groups, np.asarray(duplicates))
-    fracs = _fractions(cfg, n_groups)
+    fracs = _fit_to_groups(wanted, n_groups)
     active = int((fracs > 0).sum())
     if n_groups < active:
         names = "/".join(s for s, f in zip(SPLITS, fracs, strict=True) if f > 0)
@@ -98,17 +115,64 @@ def assign_splits(
     return labels.astype("<U9")
 
 
-def _fractions(cfg: SplitConfig, n_groups: int) -> np.ndarray:
+def _given_splits(
+    ages: np.ndarray,
+    subjects: np.ndarray,
+    cfg: SplitConfig,
+    duplicates: np.ndarray | None,
+    given: np.ndarray,
+) -> np.ndarray:
+    """A fixed protocol. When it names calib rows, every row's split is the given one; when
+    it gives only the test (or train and test), the test stays as given and the rest is
+    drawn into train / calib / conformal with their configured shares (seeded, stratified,
+    subject-disjoint), so replicates can still vary that part."""
+    if (given == "calib").any():
+        blank = np.flatnonzero(given == "")
+        if len(blank):
+            raise DataError(
+                f"the manifest gives calib rows but no split for {len(blank)} row(s): give "
+                "every row a split (train, calib, conformal, test), or only the test rows"
+            )
+        return given.astype("<U9")
+    labels = np.full(len(ages), "test", dtype="<U9")
+    rest = np.flatnonzero(given != "test")
+    if not len(rest):
+        raise DataError("every row is given as test: nothing is left to train on")
+    wanted = _fractions_of(cfg)
+    wanted[SPLITS.index("test")] = 0.0
+    dup = None if duplicates is None else np.asarray(duplicates)[rest]
+    labels[rest] = _draw(ages[rest], subjects[rest], cfg, wanted / wanted.sum(), dup)
+    return labels
+
+
+def protocol_checks(split: np.ndarray, subjects: np.ndarray, duplicates: np.ndarray) -> dict:
+    """What a given protocol may break and the draw never does: subjects, and byte-identical
+    images, that sit in more than one split. Counted, for the data summary."""
+    out = {}
+    for name, ids in (("subjects", subjects), ("duplicate_groups", duplicates)):
+        ids = np.asarray(ids)
+        keep = (ids != "") if ids.dtype.kind in "UO" else (ids >= 0)
+        pairs = {(i, s) for i, s in zip(ids[keep].tolist(), split[keep].tolist(), strict=True)}
+        spread = [i for i, n in Counter(i for i, _ in pairs).items() if n > 1]
+        out[f"{name}_in_several_splits"] = len(spread)
+    return out
+
+
+def _fractions_of(cfg: SplitConfig) -> np.ndarray:
+    return np.array([getattr(cfg, name) for name in SPLITS], dtype=float)
+
+
+def _fit_to_groups(fracs: np.ndarray, n_groups: int) -> np.ndarray:
     """Target share per split. Too few subject groups for a conformal split as well: its
     share goes back to calib (intervals calibrated there, as with conformal: 0), said once."""
-    fracs = np.array([getattr(cfg, name) for name in SPLITS], dtype=float)
+    fracs = fracs.copy()
     conformal, calib = SPLITS.index("conformal"), SPLITS.index("calib")
     if fracs[conformal] > 0 and n_groups < int((fracs > 0).sum()):
         warnings.warn(
             f"only {n_groups} subject group(s): no conformal split; conformal intervals are "
             "calibrated on the calib split, which selection also uses",
             SplitWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         fracs[calib] += fracs[conformal]
         fracs[conformal] = 0.0

@@ -46,6 +46,7 @@ EXECUTION_ONLY = (
     "tracking.",
     "report.",
     "data.path",
+    "data.test.path",
     "data.cache_dir",
     "train.progress",
     "train.threads",
