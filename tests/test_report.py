@@ -123,7 +123,7 @@ def test_planted_main_effect_is_recovered_with_sign_and_size(seed: int) -> None:
     assert a.significant() == ["anova:norm", "norm:none-batch"]
     assert "act = tanh instead of relu: no detectable difference" in text
     norm_sentence = next(v for v in a.verdict if v.startswith("norm = none instead of batch"))
-    assert "could not have detected" not in norm_sentence, "power is for undecided tests only"
+    assert "power (" not in norm_sentence, "power is for undecided tests only"
     assert a.best["best"]["model.norm"] == "none"
 
 
@@ -394,7 +394,7 @@ def test_not_distinguishable_only_when_the_paired_test_says_so() -> None:
             assert "not distinguishable" not in text, text
         else:
             assert "is not distinguishable from it on test MAE" in text, text
-            assert "could not have detected less than" in text, text
+            assert "power (two-sided" in text and "only for differences of at least" in text, text
     assert said[True] >= 5 and said[False] >= 5, said  # both branches exercised
 
 
@@ -477,8 +477,8 @@ def test_undecided_comparison_says_what_its_seeds_could_detect() -> None:
     assert act["mde"] == pytest.approx(mde, rel=1e-4) and act["seeds_needed"] == seeds
     sentence = next(v for v in a.verdict if v.startswith("act = tanh instead of relu"))
     assert (
-        f"; 3 seeds (12 pairs) could not have detected less than {mde:.2f} years (80 % power, "
-        f"two-sided, level 0.05/10 = 0.005); about {seeds} seeds would detect 0.25 years."
+        f"; 3 seeds (12 pairs) had 80 % power (two-sided, level 0.05/10 = 0.005) only for "
+        f"differences of at least {mde:.2f} years; about {seeds} seeds would detect 0.25 years."
     ) in sentence
     # A larger min_effect the seeds can already detect is said as such.
     a = analyse(df, design, min_effect=5.0)
@@ -541,6 +541,15 @@ def test_shape_beta_in_the_cells_the_sentence_and_the_figure(tmp_path: Path) -> 
     assert sh["predicted"] == pytest.approx(coverage_at_mae_for_beta(1.3), abs=0.002)
     assert f"With shape β ≈ {sh['beta']:.2f}, {100 * sh['predicted']:.1f} % fall within" in sentence
     assert "normal predicts 57.5 %, Laplace 63.2 %" in sentence
+    # The sentence's share is the one its β predicts, not an average of other βs' shares.
+    assert sh["predicted"] == coverage_at_mae_for_beta(np.array([sh["beta"]]))[0]
+    # β is averaged on the log scale: one wild run (β = 8, a near-uniform fit) moves the
+    # centre much less than it moves the arithmetic mean, and the interval stays above 0.
+    wild = with_shape(df, 1.3)
+    wild.loc[wild.index[0], "shape_beta"] = 8.0
+    w = analyse(wild, design).coverage["shape"]
+    arithmetic = wild["shape_beta"].mean()
+    assert abs(w["beta"] - 1.3) < 0.5 * abs(arithmetic - 1.3) and w["beta_lo"] > 0
     md, _html = write(a, tmp_path, meta={"study": "shape"})
     fig = tmp_path / "figures" / "coverage_beta.png"
     assert fig.stat().st_size > 5_000 and "figures/coverage_beta.png" in md.read_text()
@@ -559,6 +568,18 @@ def test_the_best_cells_errors_in_plain_terms() -> None:
     assert pm.startswith("In plain terms, the best cell (mean of its 3 runs, test split): ")
     assert "half of the faces within 3.10 years, 80 % within 6.20, 90 % within ±8.00 " in pm
     assert "it covered 90.4 % of the test faces" in pm
+    # Runs without a conformal split's size (older runs): calibrated on calib, no promise.
+    assert "calibrated on the calib split (its faces), which also chose the epoch" in pm
+    assert "guarantee" not in pm
+    # Calibrated on 120 conformal faces a run: 90 % on average, and on how many faces.
+    sized = with_shape(df, 1.0).assign(n_conformal_split=120.0, n_calib_split=240.0)
+    pm = next(v for v in analyse(sized, design).verdict if v.startswith("In plain terms"))
+    assert "(split-conformal, calibrated on 120 faces a run that chose nothing: for new " in pm
+    assert "90 % on average" in pm and "calib split" not in pm
+    # A conformal split too small to calibrate on (< 3 faces): the calib split's 240 faces.
+    small = sized.assign(n_conformal_split=2.0)
+    pm = next(v for v in analyse(small, design).verdict if v.startswith("In plain terms"))
+    assert "calibrated on the calib split (240 faces a run), which also chose the epoch" in pm
     assert not any(v.startswith("In plain terms") for v in analyse(df, design).verdict)
     # Too few calibration points: the width is infinite, logged by MLflow as 1.797e308.
     design = Design.from_space({"model.norm": ["batch", "none"]}, [0, 1])

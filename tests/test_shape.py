@@ -21,7 +21,7 @@ from agelab import metrics as M
 from agelab.metrics import coverage_at_mae_for_beta, coverage_summary, evaluate, normality
 from agelab.metrics.coverage import AbsModel, theory_models
 from agelab.metrics.gennorm import dequantize, fit_gennorm, fit_rows, lattice_step
-from agelab.metrics.verdict import label_rows, quantile_skewness
+from agelab.metrics.verdict import SYSTEMATIC, label_rows, quantile_skewness
 
 
 @pytest.fixture(autouse=True)
@@ -227,9 +227,9 @@ def test_too_few_or_constant_residuals_have_no_shape():
 
 
 def test_labels_codes_and_reasons():
-    assert set(M.VERDICT_CODES) == ALL_LABELS | {"undetermined"}
+    assert set(M.VERDICT_CODES) == ALL_LABELS | {"undetermined", SYSTEMATIC}
     codes = [c for c in M.VERDICT_CODES.values() if not math.isnan(c)]
-    assert len(set(codes)) == len(codes) == 7
+    assert len(set(codes)) == len(codes) == 8
     assert (M.VERDICT_CODES[NORMAL], M.VERDICT_CODES[LAPLACE], M.VERDICT_CODES[HEAVIER]) == (
         0.0,
         1.0,
@@ -390,3 +390,23 @@ def test_anderson_critical_value_has_its_size(n, draws):
     crit = normality(x[0]).scalars["anderson_crit_5"]
     size = np.mean(anderson_statistic(x, dist="norm", fit=True, axis=1) > crit)
     assert abs(size - 0.05) < 3.5 * math.sqrt(0.05 * 0.95 / draws)
+
+
+def test_errors_that_follow_the_true_age_are_called_systematic_not_light():
+    """Regression to the mean (a model pulling ages toward the middle) leaves errors spread
+    evenly over a range: bounded tails the shape alone calls "lighter than normal". With the
+    true ages the label says what it is; a weaker drift, and an error size growing with age,
+    are said next to the shape label."""
+    rng = np.random.default_rng(3)
+    age = rng.uniform(1, 90, 2000)
+    pulled = normality(-0.3 * (age - 45) + rng.normal(0, 4, 2000), age)
+    assert pulled.verdict == SYSTEMATIC
+    assert "errors correlate with the true age (r = -" in pulled.verdict_reason
+    assert "the pooled errors alone would read 'lighter than normal'" in pulled.verdict_reason
+    assert pulled.scalars["error_age_corr"] < -0.5
+    fair = normality(rng.normal(0, 3, 2000), age)
+    assert fair.verdict == NORMAL and abs(fair.scalars["error_age_corr"]) < 0.1
+    growing = normality(rng.normal(0, 1 + 0.08 * age), age)
+    assert growing.verdict in (LAPLACE, BETWEEN)
+    assert "the error size changes with age (Breusch-Pagan p = " in growing.verdict_reason
+    assert math.isnan(normality(rng.normal(0, 3, 500)).scalars["error_age_corr"])

@@ -89,7 +89,9 @@ from agelab.metrics.bands import MAX_DEFAULT_BANDS, age_band_table, decade_edges
 from agelab.metrics.checks import MAX_ABS_VALUE, TOL, MetricSet
 from agelab.metrics.conformal import (
     DEFAULT_CONFORMAL_LEVELS,
+    MIN_CONFORMAL,
     ConformalInterval,
+    calibration_split,
     conformal_intervals,
     conformal_quantile,
 )
@@ -125,6 +127,7 @@ __all__ = [
     "MAX_ABS_VALUE",
     "MAX_DEFAULT_BANDS",
     "METRIC_DOCS",
+    "MIN_CONFORMAL",
     "NORMAL_CS_AT_MAE",
     "SHAPIRO_MAX_N",
     "TOL",
@@ -138,6 +141,7 @@ __all__ = [
     "MetricSet",
     "NormalityResult",
     "age_band_table",
+    "calibration_split",
     "conformal_intervals",
     "conformal_quantile",
     "coverage_at_mae_for_beta",

@@ -15,6 +15,18 @@ from agelab.metrics.checks import MetricSet, check_edges, check_levels, check_pa
 DEFAULT_CONFORMAL_LEVELS: tuple[float, ...] = (0.8, 0.9, 0.95)
 
 
+#: The fewest faces split-conformal intervals are calibrated on (the metrics need 3 points).
+#: A study whose conformal split is smaller calibrates on its calib split instead.
+MIN_CONFORMAL = 3
+
+
+def calibration_split(n_conformal: float) -> str:
+    """Which split a run's conformal intervals are calibrated on: ``"conformal"`` (faces that
+    chose nothing) when it has at least :data:`MIN_CONFORMAL` faces, else ``"calib"``
+    (which chose the epoch: its coverage is slightly optimistic). NaN (unknown) is calib."""
+    return "conformal" if n_conformal >= MIN_CONFORMAL else "calib"
+
+
 def conformal_docs(levels: Sequence[float]) -> dict[str, str]:
     """The docs of the conformal scalars :func:`conformal_intervals` returns for ``levels``."""
     docs = {}

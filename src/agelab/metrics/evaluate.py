@@ -127,7 +127,7 @@ def evaluate(
     shape = fit_gennorm(e, seed)  # once: coverage and shape both use it
     scalars = MetricSet()
     scalars.merge(point_metrics(t, p))
-    scalars.merge(coverage_summary(e, shape=shape))
+    scalars.merge(coverage_summary(e, seed=seed, shape=shape))  # the shape fit's jitter
     norm = normality(e, t, seed=seed, shape=shape)
     scalars.merge(norm.scalars)
     conformal: dict[float, ConformalInterval] = {}

@@ -23,9 +23,12 @@ that the acceptance simulations fit hundreds of samples at once:
 Discreteness: residuals of integer predictions and integer labels sit on a lattice (step 1).
 A continuous fit or distance sees the lattice as a misfit, so residuals on a lattice are first
 *dequantized*: each gets seeded uniform jitter of one step, U(-h/2, h/2). The jittered
-distribution is the lattice distribution spread evenly over each step, whose shape is that of
-the underlying continuous errors up to a Sheppard correction (a normal with sd 3 rounded to
-integers and jittered has excess kurtosis -0.0002).
+distribution is the lattice distribution spread evenly over each step. For smooth errors
+several steps wide that is close to the underlying continuous errors (a normal with sd 3
+rounded to integers and jittered has excess kurtosis -0.0002); for a peaked shape on a coarse
+lattice it is not: the jitter flattens the peak and biases beta upward (a Laplace with sd 2
+rounded to whole years: beta 1.06, its 95 % interval covering 1 in 79 % of samples; a normal
+with sd 0.5: beta 1.5).
 """
 
 from __future__ import annotations

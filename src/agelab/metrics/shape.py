@@ -28,6 +28,7 @@ from agelab.metrics.verdict import (
     decide,
     laplace_tail,
     quantile_skewness,
+    systematic,
 )
 
 SHAPIRO_MAX_N = 5000
@@ -80,6 +81,8 @@ SHAPE_DOCS: dict[str, str] = {
     "NaN undetermined",
     "bp_stat": "Breusch-Pagan LM (Koenker) of squared residual on true age",
     "bp_p": "Breusch-Pagan p-value (small = error size depends on age)",
+    "error_age_corr": "Pearson correlation of residual and true age (< 0: regression to the "
+    "mean, over-estimating the young and under-estimating the old)",
     "hetero_slope": "OLS slope of |residual| on true age (years of error per year of age)",
 }
 
@@ -315,10 +318,21 @@ def normality(
         _normality_tests(x, out, seed)
         _fit_stats(x, gn, out)
         verdict, reason = decide(gn, *_shape_stats(x, gn, out), n)
+    _heteroscedasticity(e, t, out)
+    r = _age_correlation(e, t)
+    out.put("error_age_corr", r, None if math.isfinite(r) else "no (varying) true ages given")
+    if verdict != UNDETERMINED or math.isfinite(r):
+        verdict, reason = systematic(verdict, reason, r, out.get("bp_p", math.nan))
     note = reason if verdict == UNDETERMINED else None
     out.put("verdict_code", VERDICT_CODES[verdict], note)
-    _heteroscedasticity(e, t, out)
     return NormalityResult(out, verdict, reason)
+
+
+def _age_correlation(e: np.ndarray, t: np.ndarray | None) -> float:
+    """Pearson correlation of the errors with the true age (NaN without varying ages)."""
+    if t is None or is_constant(t) or is_constant(e):
+        return math.nan
+    return float(np.corrcoef(e, t)[0, 1])
 
 
 def _heteroscedasticity(e: np.ndarray, t: np.ndarray | None, out: MetricSet) -> None:

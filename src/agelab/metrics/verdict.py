@@ -13,6 +13,12 @@
 4. From the 99 % profile interval [lo, hi] of the GN shape beta: hi < 1 heavier than laplace;
    lo > 2 ``lighter than normal``; 1 < lo and hi < 2 ``between normal and laplace``; an interval
    holding 1 but not 2 ``laplace``, 2 but not 1 ``normal``; holding both ``undetermined``.
+5. With true ages (:func:`systematic`): ``systematic (errors follow true age)`` replaces the
+   label when the errors correlate with the true age by |r| >= SYSTEMATIC_R_STRONG, or by
+   |r| >= SYSTEMATIC_R and the shape said ``lighter than normal`` (a model pulling ages toward
+   the middle leaves errors spread evenly over a range: bounded, "light" tails that are not
+   good news). Weaker correlations, and error sizes that change with age (Breusch-Pagan
+   p < HETERO_P), are said in the reason next to the shape label.
 
 Every rule works on rows, so the acceptance simulations label hundreds of samples in one call.
 """
@@ -34,6 +40,10 @@ TAIL_LEVEL_999 = 0.999  # t(3) puts 4.7x the expected 0.1 % beyond a Laplace's, 
 TAIL_MAX_RATIO = 2.0  # the 1 % beyond its 99 % interval: power tails show far out
 TAIL_P = 0.01  # with the ratio, a true Laplace fails in at most 1.5 % of simulated runs
 
+SYSTEMATIC_R = 0.3  # |corr(error, true age)|: regression to the mean worth naming
+SYSTEMATIC_R_STRONG = 0.5  # ... dominating whatever shape the pooled errors show
+HETERO_P = 0.01  # Breusch-Pagan: the error size changes with age
+
 NORMAL = "normal"
 LAPLACE = "laplace"
 BETWEEN = "between normal and laplace"
@@ -42,6 +52,7 @@ LIGHTER = "lighter than normal"
 SKEWED_RIGHT = "skewed (right)"
 SKEWED_LEFT = "skewed (left)"
 UNDETERMINED = "undetermined"
+SYSTEMATIC = "systematic (errors follow true age)"
 
 #: Numeric codes for MLflow (``verdict_code``); 0-2 keep their pre-#15 meaning as far as it
 #: goes (2 was "heavy-tailed", now only "heavier than laplace").
@@ -53,6 +64,7 @@ VERDICT_CODES: dict[str, float] = {
     LIGHTER: 4.0,
     SKEWED_RIGHT: 5.0,
     SKEWED_LEFT: 6.0,
+    SYSTEMATIC: 7.0,
     UNDETERMINED: math.nan,
 }
 
@@ -165,3 +177,23 @@ def label_rows(x: object, seed: int = 0) -> list[str]:
         fit = GennormFit(**{k: float(v[i]) for k, v in fits.items()}, lattice_step=0.0)
         out.append(decide(fit, skew[i], p_sym[i], ratio[i], p_tail[i], x.shape[1])[0])
     return out
+
+
+def systematic(label: str, reason: str, r: float, bp_p: float) -> tuple[str, str]:
+    """Rule 5: the label and reason once the errors' relation to the true age is known (``r``
+    their correlation, ``bp_p`` the Breusch-Pagan p-value; NaN when unknown)."""
+    notes = []
+    if math.isfinite(r) and abs(r) >= SYSTEMATIC_R:
+        drift = "over-estimates the young and under-estimates the old" if r < 0 else (
+            "under-estimates the young and over-estimates the old"
+        )  # fmt: skip
+        notes.append(f"errors correlate with the true age (r = {r:+.2f}: the model {drift})")
+        if abs(r) >= SYSTEMATIC_R_STRONG or label == LIGHTER:
+            was = f"; the pooled errors alone would read {label!r}" if label != UNDETERMINED else ""
+            return SYSTEMATIC, f"{reason}; {notes[0]} -> {SYSTEMATIC}{was}"
+    if math.isfinite(bp_p) and bp_p < HETERO_P:
+        notes.append(
+            f"the error size changes with age (Breusch-Pagan p = {bp_p:.2g}): the pooled shape "
+            "mixes different spreads; the banded conformal intervals follow them"
+        )
+    return label, reason + "".join(f"; {n}" for n in notes)

@@ -18,11 +18,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from agelab.report.design import CELL_METRICS, Design, cell_label, normalise_runs
+from agelab.metrics import calibration_split
+from agelab.report.design import (
+    CELL_METRICS,
+    Design,
+    cell_label,
+    normalise_runs,
+)
 from agelab.report.stats import (
     anova_table,
     cell_pair_test,
     coverage_summary,
+    geometric_t_interval,
     holm,
     paired_comparisons,
     power_of,
@@ -207,7 +214,8 @@ def cell_table(df: pd.DataFrame, design: Design, confidence: float) -> pd.DataFr
             row[state.lower()] = int((g["state"] == state).sum())
         row["retried"] = int(g["attempts"].sum() - len(g))
         for metric, _ in CELL_METRICS:
-            mean, lo, hi, _n = t_interval(done[metric], confidence)
+            average = geometric_t_interval if metric == "shape_beta" else t_interval
+            mean, lo, hi, _n = average(done[metric], confidence)
             if "coverage" in metric:  # a share: the interval cannot leave [0, 1]
                 lo, hi = max(lo, 0.0), min(hi, 1.0)
             elif lo < 0:  # MAE, widths, β: positive quantities
@@ -260,7 +268,9 @@ def best_cell(
 def pm_numbers(complete: pd.DataFrame, best: dict[str, Any], design: Design) -> dict[str, Any]:
     """The best cell's runs' errors in a product manager's terms, averaged over its runs:
     years within which 50 % and 80 % of test faces fall (observed) and the split-conformal
-    90 % half-width (``conformal_90_width`` is the full width 2q) with its test coverage."""
+    90 % half-width (``conformal_90_width`` is the full width 2q) with its test coverage,
+    and what the intervals were calibrated on: the conformal split (``n`` faces, none of
+    which chose anything) or, in runs without one, the calib split, which chose the epoch."""
     mask = np.ones(len(complete), dtype=bool)
     for k in design.keys:
         mask &= (complete[k].astype(str) == str(best[k])).to_numpy()
@@ -273,6 +283,11 @@ def pm_numbers(complete: pd.DataFrame, best: dict[str, Any], design: Design) -> 
 
     width = runs["conformal_90_width"].astype(float) if "conformal_90_width" in runs else None
     unbounded = int(np.isposinf(width).sum()) if width is not None else 0
+    n_conf = runs["n_conformal_split"].astype(float)
+    # NaN (runs logged before the conformal split existed) counts as calib
+    on_calib = np.array([calibration_split(n) == "calib" for n in n_conf], dtype=bool)
+    calibrated = np.where(on_calib, runs["n_calib_split"].astype(float), n_conf)
+    calibrated = calibrated[np.isfinite(calibrated)]
     return {
         "n": len(runs),
         "years_50": mean("years_for_50"),
@@ -281,6 +296,8 @@ def pm_numbers(complete: pd.DataFrame, best: dict[str, Any], design: Design) -> 
         "conformal_90_half": math.inf if unbounded else mean("conformal_90_width") / 2.0,
         "conformal_90_unbounded": unbounded,
         "conformal_90_coverage": mean("conformal_90_coverage"),
+        "conformal_n": int(np.median(calibrated)) if len(calibrated) else 0,
+        "conformal_on_calib": int(on_calib.sum()),
     }
 
 

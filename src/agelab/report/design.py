@@ -43,6 +43,8 @@ RUN_METRICS = (
     "coverage_at_mae_gennorm",
     "years_for_50",
     "years_for_80",
+    "n_calib_split",
+    "n_conformal_split",
 )
 #: What a replicate seed may vary (``search.replicate_varies``), in words.
 VARIES = {

@@ -110,7 +110,8 @@ def cells_note(a: Analysis) -> str:
     if "shape_beta" in dict(_cell_metrics(a)):
         text += (
             " Shape β is the fitted generalised-normal shape of each run's test residuals "
-            "(2 normal, 1 Laplace), averaged over the replicates."
+            "(2 normal, 1 Laplace); its centre and interval are the geometric mean and a "
+            "t-interval on the log scale over the replicates."
         )
     return text
 

@@ -39,6 +39,21 @@ def t_interval(values: Any, confidence: float = 0.95) -> tuple[float, float, flo
     return mean, mean - half, mean + half, n
 
 
+def geometric_t_interval(values: Any, confidence: float = 0.95) -> tuple[float, float, float, int]:
+    """Geometric mean and its t-interval, computed on the log scale: for a positive shape
+    parameter such as β, whose estimates are skewed (bounded by 0, long right tail), so
+    the interval cannot go below 0 and one wild run does not drag the centre."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x) & (x > 0)]
+    mean, lo, hi, n = t_interval(np.log(x), confidence)
+    return (
+        math.exp(mean) if n else math.nan,
+        math.exp(lo) if n > 1 else math.nan,
+        math.exp(hi) if n > 1 else math.nan,
+        n,
+    )
+
+
 def paired_test(d: np.ndarray) -> float:
     """Two-sided one-sample t-test of paired differences against 0 (NaN if untestable)."""
     d = d[np.isfinite(d)]
@@ -501,23 +516,21 @@ def power_of(
 
 
 def shape_summary(complete: pd.DataFrame, confidence: float) -> dict[str, Any]:
-    """Fitted residual shape β across runs (generalised normal: 2 normal, 1 Laplace) and the
-    share within the MAE it predicts, next to the observed share of the same runs."""
+    """Fitted residual shape β across runs (generalised normal: 2 normal, 1 Laplace): its
+    geometric mean and interval (:func:`geometric_t_interval`), the share within the MAE
+    that β predicts, and the observed share of the same runs."""
     beta = complete["shape_beta"].astype(float)
-    ok = complete[np.isfinite(beta.to_numpy())]
-    mean, lo, hi, n = t_interval(ok["shape_beta"], confidence)
+    ok = complete[np.isfinite(beta.to_numpy()) & (beta.to_numpy() > 0)]
+    centre, lo, hi, n = geometric_t_interval(ok["shape_beta"], confidence)
     if n == 0:
         return {"n": 0}
-    predicted = ok["coverage_at_mae_gennorm"].astype(float)
-    if not np.isfinite(predicted).all():  # runs before the metric: from their β
-        predicted = pd.Series(coverage_at_mae_for_beta(ok["shape_beta"].astype(float).to_numpy()))
     obs_mean, obs_lo, obs_hi, _ = t_interval(ok["coverage_at_mae"], confidence)
     return {
         "n": n,
-        "beta": mean,
+        "beta": centre,
         "beta_lo": lo,
         "beta_hi": hi,
-        "predicted": float(predicted.mean()),
+        "predicted": float(coverage_at_mae_for_beta(np.array([centre]))[0]),
         "observed": obs_mean,
         "observed_lo": max(obs_lo, 0.0),
         "observed_hi": min(obs_hi, 1.0),

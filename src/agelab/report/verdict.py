@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from agelab.report.analysis import Analysis
 
 #: What the coverage rule of thumb concludes, by :func:`coverage_summary`'s ``fits``.
+# Below this many pairs the standard deviation behind a power figure is too uncertain to
+# quote it plainly (with 3 pairs its 90 % interval spans a factor of about 6).
+ROUGH_PAIRS = 4
+
 COVERAGE_FITS = {
     "normal": "consistent with normal residuals, not with Laplace",
     "laplace": "consistent with Laplace residuals, not with normal",
@@ -137,23 +141,32 @@ def power_level(a: Analysis) -> str:
 
 
 def power_clause(a: Analysis, mde: float, seeds_needed: float, n_seeds: int, n_pairs: int) -> str:
-    """What an undecided paired test could have found: "; 3 seeds could not have detected
-    less than 0.61 years (…); about 12 seeds would detect 0.25 years" ('' if unknown)."""
+    """What an undecided paired test could have found: "; 3 seeds had 80 % power (…) only for
+    differences of at least 0.61 years; about 12 seeds would detect 0.25 years" ('' if
+    unknown). With fewer than ``ROUGH_PAIRS`` pairs the spread of the differences is itself a
+    guess, so both figures are said to be rough and the seed count a lower bound."""
     if not isinstance(mde, float | int) or math.isnan(mde):
         return ""
     basis = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
     if n_pairs != n_seeds:
         basis += f" ({n_pairs} pairs)"
-    how = f"{100 * a.power:.0f} % power, two-sided, level {power_level(a)}"
+    how = f"two-sided, level {power_level(a)}"
     effect = f"{a.min_effect:g} years"
     if not math.isfinite(mde):
         return f"; {basis} are too few to detect any difference ({how}), add seeds"
-    text = f"; {basis} could not have detected less than {years(mde)} years ({how})"
+    text = (
+        f"; {basis} had {100 * a.power:.0f} % power ({how}) only for differences of at least "
+        f"{years(mde)} years"
+    )
+    rough = n_pairs < ROUGH_PAIRS
+    if rough:
+        text += f" (rough: the spread of the differences is estimated from {n_pairs} pairs)"
     if mde <= a.min_effect:
         return text + f", so a difference of {effect} would likely have been found"
     if not math.isfinite(seeds_needed):
         return text + f"; detecting {effect} would take more seeds than is practical"
-    return text + f"; about {int(seeds_needed)} seeds would detect {effect}"
+    need = f"at least {int(seeds_needed)}" if rough else f"about {int(seeds_needed)}"
+    return text + f"; {need} seeds would detect {effect}"
 
 
 def _anova_disagrees(a: Analysis, factor: str) -> str:
@@ -337,9 +350,22 @@ def _pm(a: Analysis) -> list[str]:
         )
     elif math.isfinite(half):
         seen = pm.get("conformal_90_coverage", math.nan)
+        n_cal, on_calib = pm.get("conformal_n", 0), pm.get("conformal_on_calib", 0)
+        faces = f"{n_cal} faces" + (" a run" if pm["n"] > 1 else "") if n_cal else "its faces"
+        if on_calib:
+            # calib chose the epoch: its errors are a little optimistic, no promise holds
+            how = (
+                f"split-conformal calibrated on the calib split ({faces}"
+                + (f"; {on_calib} of {pm['n']} runs" if on_calib < pm["n"] else "")
+                + "), which also chose the epoch, so the 90 % may be a little optimistic"
+            )
+        else:
+            how = (
+                f"split-conformal, calibrated on {faces} that chose nothing: for new faces "
+                "like them, 90 % on average, over calibration sets of that size"
+            )
         parts.append(
-            f"90 % within ±{years(half)} (split-conformal: at least 90 % is guaranteed when new "
-            "faces are exchangeable with the calibration faces"
+            f"90 % within ±{years(half)} ({how}"
             + (f"; it covered {pct(seen)} of the test faces" if math.isfinite(seen) else "")
             + ")"
         )
@@ -381,7 +407,7 @@ def _shape(a: Analysis) -> list[str]:
         else ""
     )
     return [
-        f"Residual shape across {sh['n']} run(s): generalised-normal β averaged "
+        f"Residual shape across {sh['n']} run(s): generalised-normal β, geometric mean "
         f"{sh['beta']:.2f}{ci}, where β = 2 is normal and β = 1 Laplace. With shape "
         f"β ≈ {sh['beta']:.2f}, {pct(sh['predicted'])} fall within the MAE (observed "
         f"{pct(sh['observed'])}); normal predicts {pct(NORMAL_CS_AT_MAE)}, Laplace "
@@ -401,11 +427,19 @@ def replicate_note(a: Analysis) -> str:
         what = " and ".join(VARIES.get(v, v) for v in varies)
         if "split" not in varies:
             what += ", not the data split (every replicate used the same one)"
-    text = (
-        f"A replicate seed varied {what}; every cell of one replicate shares its seed"
-        + (" and split" if varies and "split" in varies else "")
-        + ", so pairs stay paired. The intervals over replicates cover that variation only."
-    )
+    splits = bool(varies and "split" in varies)
+    data_factor = any(f.startswith("data.") for f in (*a.design.factors, *a.design.numeric))
+    text = f"A replicate seed varied {what}; every cell of one replicate shares its seed"
+    if splits:
+        text += (
+            " and split (the same faces in each split only where the cells share the data "
+            "and split settings, which a data.* factor changes)"
+            if data_factor
+            else " and split"
+        )
+    if a.design.sampler == "grid":
+        text += ", so pairs stay paired"
+    text += ". The intervals over replicates cover that variation only."
     if a.n_splits:
         text += f" The completed runs used {a.n_splits} distinct data split(s)."
     return text
