@@ -70,6 +70,24 @@ def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
         parse_override("epochs2")
 
 
+def test_the_description_says_which_overrides_changed_the_study(tmp_path: Path) -> None:
+    """The #16 case: the file says resnet18 and 3 seeds, the command ran resnet10t and 1
+    seed; the description (UI, parent run, report) must not claim the file's study alone.
+    Where and how loudly it runs is not the study; a secret in an override is masked."""
+    path = write(tmp_path, "name: x\ndescription: resnet18, 3 replicate seeds.\n")
+    assert load_config(path).description == "resnet18, 3 replicate seeds."
+    quiet = ["tracking.root=/tmp/r", "report.auto=false", "train.progress=false"]
+    assert load_config(path, quiet).description == "resnet18, 3 replicate seeds."
+    cfg = load_config(path, ["model.backbone=resnet10t", *quiet, "search.seeds=[0]"])
+    assert cfg.description == (
+        "resnet18, 3 replicate seeds.\n\nRun with command-line overrides (the text above is "
+        "the study file's): `model.backbone=resnet10t`, `search.seeds=[0]`"
+    )
+    assert load_config(path, ["description=mine"]).description == "mine"
+    secret = load_config(path, ["data.path=postgresql://ana:hunter2@db/faces"]).description
+    assert "hunter2" not in secret and "`data.path=postgresql://ana:***@db/faces`" in secret
+
+
 def test_with_params_applies_a_trial() -> None:
     cfg = validate({"name": "x"})
     trial = cfg.with_params({"model.norm": "group", "train.lr": 0.01})

@@ -146,6 +146,15 @@ def test_growing_a_study_runs_only_the_new_cells(tmp_path: Path, capsys) -> None
     assert run(study, *grown) == 0
     assert len(runs_of(study)) == 6
     assert_study_consistent(study, grown)
+    # The description the UI and the report show says what the command changed.
+    client = MlflowClient(default_uri(load_config(study).tracking))
+    exp = client.get_experiment_by_name("g")
+    (last,) = client.search_runs(
+        [exp.experiment_id], "tags.`agelab.run_kind` = 'study'", max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )  # fmt: skip
+    described = last.data.tags["agelab.description"]
+    assert "`search.seeds=[0,1]`, `search.space.model.norm=[batch,none,group]`" in described
     capsys.readouterr()
     assert run(study) == 0  # seeds [0] and two norms again: nothing to train
     out = capsys.readouterr().out
@@ -317,6 +326,25 @@ def test_a_full_disk_mid_study_stops_in_one_line_and_loses_no_cell(tmp_path: Pat
     assert again.rstrip().endswith("exit 0"), again[-3000:]
     # The store lived in the namespace's tmpfs: check the invariant from inside it again.
     assert "4 of 4 planned trial(s) complete" in again
+
+
+def test_a_store_error_is_named_by_the_drivers_words_before_mlflows_wrapper() -> None:
+    """MLflow's SQL store wraps a full SQLite disk as TEMPORARILY_UNAVAILABLE: the stop line
+    must say the disk is full (what to fix), not that a tracking server is down."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    from agelab.errors import transient_cause
+
+    full = MlflowException(
+        "(raised as a result of Query-invoked autoflush)\n"
+        "(sqlite3.OperationalError) database or disk is full",
+        error_code=TEMPORARILY_UNAVAILABLE,
+    )
+    assert "database or disk is full" in (transient_cause(full) or "")
+    down = MlflowException("API request failed", error_code=TEMPORARILY_UNAVAILABLE)
+    assert "tracking server is unavailable" in (transient_cause(down) or "")
+    assert transient_cause(MlflowException("bad parameter")) is None
 
 
 @pytest.mark.slow

@@ -75,6 +75,11 @@ class ReportError(UserError, RuntimeError):
     """A report cannot be made (no such study, no runs); the message says what to do."""
 
 
+class DeviceError(UserError, RuntimeError):
+    """The requested device cannot be used (``train.device: cuda`` where torch sees no usable
+    GPU); the message names the driver and the CUDA build of torch, and what to do."""
+
+
 class TrialFailed(RuntimeError):
     """A trial that cannot produce a result for a known reason (diverged, out of memory):
     recorded as the trial's failure, printed without a traceback."""
@@ -182,16 +187,17 @@ def _own_cause(e: BaseException) -> str | None:
         where = f" ({e.filename})" if e.filename else ""
         return f"{TRANSIENT_ERRNOS[e.errno]}{where}"
     names = {f"{k.__module__}.{k.__qualname__}" for k in type(e).__mro__}
+    library = type(e).__module__.split(".")[0]
+    if names & TRANSIENT_TYPES or library in STORE_LIBRARIES or isinstance(e, OSError):
+        for line in str(e).strip().splitlines():
+            hit = next((s for s in TRANSIENT_TEXTS if s in line.lower()), None)
+            if hit is not None:  # quote the driver's own line, not a wrapper's preamble
+                return f"{hit} ({type(e).__name__}: {line.strip()[:200]})"
+    # MLflow wraps every store error as TEMPORARILY_UNAVAILABLE: the driver's words (above,
+    # e.g. "database or disk is full") say more than this, so they are looked for first.
     status = getattr(e, "get_http_status_code", lambda: None)()  # MLflow's REST errors
     if getattr(e, "error_code", "") == "TEMPORARILY_UNAVAILABLE" or status in (502, 503, 504):
         return f"the tracking server is unavailable ({type(e).__name__}: {_first(e)})"
-    library = type(e).__module__.split(".")[0]
-    if not (names & TRANSIENT_TYPES or library in STORE_LIBRARIES or isinstance(e, OSError)):
-        return None
-    for line in str(e).strip().splitlines():
-        hit = next((s for s in TRANSIENT_TEXTS if s in line.lower()), None)
-        if hit is not None:  # quote the driver's own line, not a wrapper's preamble
-            return f"{hit} ({type(e).__name__}: {line.strip()[:200]})"
     if names & TRANSIENT_TYPES:
         return f"the store's connection failed ({type(e).__name__}: {_first(e)})"
     return None

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from agelab.config.schema import StudyConfig, set_path
 from agelab.errors import ConfigError
+from agelab.secrets import mask_home, mask_uri
 
 _OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_.-]+)*)=(.*)$", re.S)
 
@@ -282,4 +283,35 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyCo
     if not isinstance(raw, dict):
         raise ConfigError(str(path), [f"top level must be a mapping, got {type(raw).__name__}"])
     source = str(path) + (f" with overrides {' '.join(overrides)}" if overrides else "")
-    return validate(apply_overrides(raw, overrides or []), source)
+    cfg = validate(apply_overrides(raw, overrides or []), source)
+    note = overrides_note(overrides or [])
+    if note:  # the file's description may no longer be true: say what the command changed
+        cfg = cfg.model_copy(update={"description": f"{cfg.description.strip()}\n\n{note}".strip()})
+    return cfg
+
+
+#: Overrides that change neither what a study is nor where it stands in the description:
+#: where it is stored and reported, and how fast or loudly it runs.
+_NOT_DESCRIBED = ("tracking.", "report.", "name", "description", "train.progress",
+                  "train.threads", "train.eval_batch_size", "data.cache_dir",
+                  "data.max_resident_gb", "search.warn_cells")  # fmt: skip
+
+
+def overrides_note(overrides: list[str]) -> str:
+    """One line for the study's description naming the command-line overrides that change
+    what the study is (``model.backbone=resnet10t``, ``search.seeds=[0]``, a data path), so
+    the description that the UI, the parent run and the report show is never only the study
+    file's when the command changed the study. Secrets are masked, home paths shortened."""
+    shown = [
+        f"`{mask_home(mask_uri(text))}`"
+        for text in overrides
+        if not any(
+            (key := parse_override(text)[0]) == p or (p.endswith(".") and key.startswith(p))
+            for p in _NOT_DESCRIBED
+        )
+    ]
+    if not shown:
+        return ""
+    return "Run with command-line overrides (the text above is the study file's): " + ", ".join(
+        shown
+    )
