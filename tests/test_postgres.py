@@ -130,6 +130,7 @@ def test_password_in_store_uris_is_masked(
             tracking={
                 "root": str(tmp_path / "mlruns"),
                 "log_figures": False,
+                "log_model": "all",  # the MLflow Models' files are scanned too
                 "storage": storage,
                 "uri": uri,
             },
@@ -158,3 +159,7 @@ def test_password_in_store_uris_is_masked(
                 assert f"{user}:***@" in value, f"{kind} {key}={value}"
     printed = capfd.readouterr()
     assert password not in printed.out + printed.err
+    # Nor in any artifact: configs, checkpoints, reports, MLflow Models (MLmodel, code, JSON).
+    files = [f for f in (tmp_path / "mlruns").rglob("*") if f.is_file()]
+    assert any(f.name == "MLmodel" for f in files), "no MLflow Model was logged"
+    assert not [f for f in files if password.encode() in f.read_bytes()]

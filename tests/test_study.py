@@ -90,6 +90,9 @@ def test_smoke_study_records_everything(tmp_path: Path) -> None:
             k.startswith("census.") for k in run.data.tags
         )
         assert run.data.tags["agelab.verdict"] in VERDICT_CODES
+        # where the conformal intervals were calibrated, consistent with the split sizes
+        on = "conformal" if m["n_conformal_split"] >= 3 else "calib"
+        assert run.data.tags["agelab.conformal_calibrated_on"] == on, m["n_conformal_split"]
         history = client.get_metric_history(run.info.run_id, "calib_mae")
         assert len(history) >= 2  # one per epoch + the final value
         names = {a.path for a in client.list_artifacts(run.info.run_id)}

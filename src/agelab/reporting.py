@@ -22,6 +22,7 @@ from agelab.errors import ReportError
 from agelab.report import Analysis, Design, analyse, design_from_parent, render, runs_table
 from agelab.report.design import within_design
 from agelab.tracking import TAG_KIND, TAG_STATE, TAG_STUDY, Tracker, runs_frame
+from agelab.tracking.store import TAG_DESCRIPTION, TAG_NOTE
 
 
 @dataclass
@@ -83,6 +84,10 @@ def build_report(
     )
     if log:
         tracker.log_artifacts(parent["run_id"], folder, "report")
+        # The answer first: on the parent run's note and above the experiment's runs table.
+        note = verdict_note(_description(_prefixed(parent, "tags.")), analysis.verdict)
+        tracker.set_tags(parent["run_id"], {TAG_NOTE: note})
+        tracker.set_experiment_note(note)
     return ReportResult(study, analysis, folder, md, html, parent["run_id"])
 
 
@@ -172,8 +177,25 @@ def _meta(
         "git_commit": tags.get("agelab.git_commit", ""),
         "dataset": tags.get("agelab.dataset_fingerprint", "")[:12],
         "device": tags.get("agelab.device", ""),
-        "description": tags.get("mlflow.note.content", ""),
+        "description": _description(tags),
     }
+
+
+def _description(parent_tags: dict[str, str]) -> str:
+    """The study's description, as its parent run recorded it (runs older than the
+    ``agelab.description`` tag have it as their note only)."""
+    return parent_tags.get(TAG_DESCRIPTION, parent_tags.get(TAG_NOTE, ""))
+
+
+def verdict_note(description: str, verdict: list[str]) -> str:
+    """The parent run's note and the experiment's description (Markdown, shown by the UI):
+    the study's description, then the report's verdict sentences."""
+    head = (
+        "**Verdict** of the ablation report (report/report.html in the artifacts of the "
+        "study's parent run):"
+    )
+    bullets = "\n".join(f"- {sentence}" for sentence in verdict) or "- (no verdict yet)"
+    return "\n\n".join(p for p in (description.strip(), head, bullets) if p)
 
 
 def _cs_curves(tracker: Tracker, analysis: Analysis) -> dict[str, pd.DataFrame]:

@@ -134,16 +134,57 @@ def serve_ui(*, host: str, port: int, root: Path, expose: bool) -> int:
         "--port",
         str(port),
     ]
-    print(f"MLflow UI on http://{host}:{port}  (store {mask_uri(uri)}; Ctrl-C stops)", flush=True)
-    # MLflow's job runner (and its consumer processes) serve a feature agelab never uses:
-    # off, unless the user turned it on.
-    jobs = os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    code = run_process_group(cmd, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": jobs})
+    base = f"http://{browser_host(host)}:{port}"
+    print(f"MLflow UI on {base}  (store {mask_uri(uri)}; Ctrl-C stops)")
+    for line in study_links(uri, base):
+        print(line)
+    sys.stdout.flush()
+    env = {
+        # MLflow's job runner (and its consumer processes) serve a feature agelab never uses:
+        # off, unless the user turned it on.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get(
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"
+        ),
+        # MLflow's usage telemetry (the server's and the pages'): off unless the user opts in.
+        "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
+    }
+    code = run_process_group(cmd, env=env)
     if code is None:  # stopped by Ctrl-C / SIGTERM: the normal end of a server
         return 0
     if code:
         print(f"agelab ui: mlflow ui exited with code {code} (its messages are above)")
     return code if code > 0 else 1  # killed by a signal (code -N)
+
+
+def browser_host(host: str) -> str:
+    """The host a browser on this machine reaches a server bound to ``host`` at."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The runs table of an experiment in MLflow 3's UI (its hash routes), in its "Model
+    training" view: MLflow 3.17 picks GenAI or model-training pages by a switch each browser
+    remembers (GenAI until a person flips it), which the URL's ``workflowType`` overrides."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def study_links(uri: str, base: str) -> list[str]:
+    """One line per study in the store: its experiment's name and the URL of its runs
+    table. Listing them is a convenience: a store that cannot be read here is said in one
+    line, and the server still starts (and says what it finds)."""
+    from agelab.tracking.store import study_experiments
+
+    try:
+        studies = study_experiments(uri)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return [f"  (could not list the studies: {mask_uri(first)[:200]})"]
+    if not studies:
+        return ["  no studies in this store yet"]
+    width = max(len(name) for name, _ in studies)
+    return [f"  {name:<{width}}  {runs_url(base, exp_id)}" for name, exp_id in studies]
 
 
 def run_process_group(cmd: list[str], env: dict[str, str] | None = None) -> int | None:

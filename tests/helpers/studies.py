@@ -29,7 +29,8 @@ def tiny_study(root: Path, name: str = "t", **sections) -> dict:
             "seeds": [0],
             "space": {"model.norm": ["batch", "none"], "model.act": ["relu", "tanh"]},
         },
-        "tracking": {"root": str(root / "mlruns"), "log_figures": False},
+        # No MLflow Models (seconds each): tests of the hand-off set log_model themselves.
+        "tracking": {"root": str(root / "mlruns"), "log_figures": False, "log_model": "none"},
         # The report is written at the end of every study (figures: tests/test_report.py).
         "report": {"figures": False},
     }

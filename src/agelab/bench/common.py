@@ -147,28 +147,21 @@ def log_tail(log_path: Path, lines: int = 30) -> str:
 
 @contextlib.contextmanager
 def mlflow_global_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's *global* tracking URI at ``uri`` for the baselines that use the fluent
-    API (``mlflow.log_metric``, optuna-integration's ``MLflowCallback``), then restore it.
-
-    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, which agelab's own
-    trackers honour, so the variable is restored too (or the next study would log there)."""
+    """MLflow's *global* tracking URI at ``uri`` for the baselines that use the fluent API
+    (``mlflow.log_metric``, optuna-integration's ``MLflowCallback``), their runs ended and
+    the previous URI and ``$MLFLOW_TRACKING_URI`` restored after (or the next study would
+    log there)."""
     import mlflow
-    from mlflow.tracking._tracking_service import utils
 
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    previous = utils._tracking_uri
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(Exception):
-            while mlflow.active_run() is not None:
-                mlflow.end_run()
-        mlflow.set_tracking_uri(previous)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+    from agelab.tracking import global_tracking_uri
+
+    with global_tracking_uri(uri):
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                while mlflow.active_run() is not None:
+                    mlflow.end_run()
 
 
 _template_db: list[Path] = []

@@ -35,6 +35,8 @@ from agelab.secrets import mask_uri, register_uri, scrub
 if TYPE_CHECKING:
     import pandas as pd
 
+    from agelab.tracking.datasets import DatasetRecord
+
 T = TypeVar("T")
 
 # MLflow run statuses (strings, so callers need not import mlflow).
@@ -48,6 +50,12 @@ TAG_STUDY = "agelab.study"
 TAG_STATE = "agelab.state"
 TAG_REASON = "agelab.fail_reason"
 TAG_KIND = "agelab.run_kind"  # "study" (parent) | "trial" (nested)
+TAG_DESCRIPTION = "agelab.description"  # the study's description (the note adds the verdict)
+# MLflow's own: a run's or an experiment's description (Markdown), and the experiment's kind,
+# which makes MLflow 3's UI open an experiment on its runs instead of GenAI pages.
+TAG_NOTE = "mlflow.note.content"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def default_uri(cfg: TrackingConfig) -> str:
@@ -248,6 +256,7 @@ class Tracker:
         self.retries = retries
         self.calls = 0  # MLflow calls made through _call, and their wall time (agelab bench)
         self.call_seconds = 0.0
+        self._monitors: dict[str, Any] = {}  # run id → its system-metrics sampler
         if self.uri.startswith(("http://", "https://")):
             _check_server(self.uri)
         elif is_database_uri(self.uri):
@@ -328,6 +337,7 @@ class Tracker:
                 self.client.create_experiment,
                 self.experiment_name,
                 artifact_location=default_artifact_location(self.cfg, self.experiment_name),
+                tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND},
             )
         except Exception:
             # Another worker created it between our lookup and create.
@@ -336,6 +346,25 @@ class Tracker:
                 raise
             return exp.experiment_id
 
+    def describe_experiment(self, description: str) -> None:
+        """The experiment's kind (model training; only where none is set, so an experiment
+        made before agelab tagged it gets one too) and its description: the study's, unless
+        the description already begins with it (the report's verdict follows it there,
+        :meth:`set_experiment_note`) or the study has none (whatever the UI's users wrote
+        stays)."""
+        exp = self._call(self.client.get_experiment, self.experiment_id)
+        tags = {} if TAG_EXPERIMENT_KIND in exp.tags else {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND}
+        description = scrub(description.strip())
+        if description and not exp.tags.get(TAG_NOTE, "").startswith(description):
+            tags[TAG_NOTE] = description
+        for key, value in tags.items():
+            self._call(self.client.set_experiment_tag, self.experiment_id, key, value[:20000])
+
+    def set_experiment_note(self, note: str) -> None:
+        """The experiment's description (Markdown, above its runs table in the UI)."""
+        value = scrub(note)[:20000]
+        self._call(self.client.set_experiment_tag, self.experiment_id, TAG_NOTE, value)
+
     # -------------------------------------------------------------------- runs
     def start_run(
         self,
@@ -343,7 +372,10 @@ class Tracker:
         *,
         tags: dict[str, Any],
         parent_id: str | None = None,
+        system_metrics: bool = False,
     ) -> str:
+        """A new run; with ``system_metrics``, MLflow samples the machine (``system/…``
+        metrics) on it until :meth:`end_run`."""
         tags = {k: scrub(v) for k, v in tags.items()}
         tags[TAG_WORKER_HOST] = socket.gethostname()
         tags[TAG_WORKER_PID] = str(os.getpid())
@@ -355,7 +387,25 @@ class Tracker:
             run_name=scrub(name),
             tags=tags,
         )
+        if system_metrics:
+            self._start_system_metrics(run.info.run_id)
         return run.info.run_id
+
+    def _start_system_metrics(self, run_id: str) -> None:
+        """MLflow's own sampler (a daemon thread: CPU, memory, disk, network, and every GPU
+        NVML sees when nvidia-ml-py is installed), on this store; it needs psutil."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as exc:
+            raise StoreError(
+                f"tracking.system_metrics needs psutil ({exc}): pip install psutil, or set "
+                "tracking.system_metrics=false"
+            ) from None
+        # Its INFO lines ("Started monitoring…") would print once per trial.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        monitor = SystemMetricsMonitor(run_id, tracking_uri=self.uri)
+        monitor.start()
+        self._monitors[run_id] = monitor
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -386,6 +436,15 @@ class Tracker:
         if items:
             self._call(self.client.log_batch, run_id, tags=items)
 
+    def log_datasets(self, run_id: str, records: Iterable[DatasetRecord]) -> None:
+        """What the run trained and was scored on, as MLflow dataset inputs: one call
+        (:mod:`agelab.tracking.datasets`: names, digests, sources, profiles)."""
+        from agelab.tracking.datasets import dataset_inputs
+
+        inputs = dataset_inputs(list(records))
+        if inputs:
+            self._call(self.client.log_inputs, run_id, datasets=inputs)
+
     def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
         kill_point("mlflow.log_artifacts")
         self._call(self.client.log_artifacts, run_id, str(folder), artifact_path)
@@ -406,6 +465,9 @@ class Tracker:
                 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
 
     def end_run(self, run_id: str, status: str = FINISHED) -> None:
+        monitor = self._monitors.pop(run_id, None)
+        if monitor is not None:  # its last samples are written while the run is open
+            monitor.finish()
         self._call(self.client.set_terminated, run_id, status)
 
     def artifact_names(self, run_id: str) -> set[str]:
@@ -450,6 +512,24 @@ class Tracker:
         return self.search("attributes.status = 'RUNNING'")
 
 
+def study_experiments(uri: str) -> list[tuple[str, str]]:
+    """``(name, id)`` of each live experiment of the store ``uri`` that holds an agelab
+    study (a study's parent run), by id; what ``agelab ui`` links to."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    client = MlflowClient(tracking_uri=uri)
+    found = []
+    for exp in client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=50_000):
+        parents = client.search_runs(
+            [exp.experiment_id], f"tags.`{TAG_KIND}` = 'study'", max_results=1
+        )
+        if parents:
+            found.append((exp.name, exp.experiment_id))
+    return sorted(found, key=lambda e: (len(e[1]), e[1]))  # numeric ids in numeric order
+
+
 def runs_frame(runs: Iterable) -> pd.DataFrame:
     """MLflow runs → one row each: ``run_id``, ``run_name``, ``status``, ``start_time``
     (epoch ms), and ``params.<k>`` / ``tags.<k>`` / ``metrics.<k>`` (latest value) columns
@@ -473,3 +553,25 @@ def runs_frame(runs: Iterable) -> pd.DataFrame:
     return pd.DataFrame(
         rows, columns=None if rows else ["run_id", "run_name", "status", "start_time"]
     )
+
+
+@contextlib.contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's *global* tracking (and registry) URI at ``uri`` for the duration, for
+    the MLflow functions that read it (models, the registry, the fluent API), then put back
+    the previous one *and* ``$MLFLOW_TRACKING_URI`` as they were (``mlflow.set_tracking_uri``
+    exports the variable, MLflow's own ``_use_tracking_uri`` unsets it on the way out, and
+    agelab's default store reads it)."""
+    from mlflow.tracking._tracking_service import utils
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = utils._tracking_uri
+    utils.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
