@@ -17,7 +17,7 @@ from agelab.bench import common, report
 from agelab.bench.data import bench_cache, bench_generate
 from agelab.bench.overhead import bench_tracking
 from agelab.bench.studies import bench_memory
-from agelab.bench.training import bench_training, naive_loader
+from agelab.bench.training import bench_streaming, bench_training, naive_loader
 
 TINY = {"image_size": 16, "n_images": 80, "epochs": 1, "log_figures": False}
 
@@ -60,6 +60,21 @@ def test_training_fit_bare_and_naive_pipeline(no_mlflow_env, one_torch_thread):
     assert naive["files_read"] == 2 * 32
     assert naive["files_read_in_workers"] == naive["files_read"]
     assert naive["mlflow_metric_values_logged"] == 2 * 2
+
+
+def test_streaming_vs_resident_row(one_torch_thread):
+    r = bench_streaming(
+        "mobilenetv3_small_100", image_size=32, n_images=32, batch_size=16, repeats=1,
+        device="cpu", verbose=False,
+    )  # fmt: skip
+    assert r["paths"] == {"streaming": "streaming", "resident": "resident-host"}
+    assert r["shards"] == 4 and r["n_images"] == 32
+    assert _summary_ok(r["streaming_images_per_second"])
+    assert _summary_ok(r["resident_images_per_second"])
+    assert _positive(r["ratio"]) and _positive(r["ratio_best"])
+    row = report._streaming_row(r, cuda=False)
+    assert "memory-mapped shards" in row["benchmark"] and row["goal"] == "≥ 0.90"
+    assert row["met"] == ("pass" if r["ratio_best"] >= 0.9 else "MISS")
 
 
 def test_naive_loader_reads_image_files(tmp_path: Path):
@@ -230,6 +245,7 @@ def test_main_writes_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no
             },
         ],
         "gpu": {"n_images": 64, "repeats": 1},
+        "streaming": {"image_size": 32, "n_images": 32, "batch_size": 16, "repeats": 1},
         "data_n": 64,
         "tracking": {**TINY, "seeds": [0]},
         "throughput": {**TINY, "space": ONE_CELL, "n_trials": 2},
@@ -238,7 +254,8 @@ def test_main_writes_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no
     monkeypatch.setattr(bench, "QUICK", tiny)
     assert bench.main(quick=True, out_dir=tmp_path / "out") == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    for key in ("training", "synthetic", "cache", "tracking", "study_throughput", "memory"):
+    for key in ("training", "streaming", "synthetic", "cache", "tracking", "study_throughput",
+                "memory"):  # fmt: skip
         assert key in results, key
     runs = results["study_throughput"]["runs"]
     assert [r["workers"] for r in runs] == [1, 2]

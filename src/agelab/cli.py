@@ -1,4 +1,5 @@
-"""The one command-line entry: ``agelab run|report|data|ui|dashboard|bench|config``.
+"""The one command-line entry:
+``agelab run|report|register|predict|data|ui|dashboard|bench|config``.
 
 Heavy imports (torch, timm, mlflow, optuna) happen inside the command that needs them, so
 ``agelab --help`` answers at once. Errors a user can fix (bad config, bad data) print one
@@ -64,6 +65,8 @@ def _run_and_report(args: argparse.Namespace) -> int:
         join=args.join,
         quiet=args.quiet,
         new_version=args.new_version,
+        gpus=args.gpus,
+        workers_per_gpu=args.workers_per_gpu,
     )
     if cfg.report.auto and summary.counts["COMPLETE"]:
         _report_after_study(summary.config)
@@ -121,6 +124,39 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     for line in check_study(_study_config(args), repair=not args.dry_run):
         print(line)
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from agelab.predict import run_register
+
+    done = run_register(_study_config(args), name=args.name, alias=args.alias or None)
+    name, version, alias = done["name"], done["version"], done["alias"]
+    tags = done["tags"]
+    print(
+        f"registered models:/{name}/{version}"
+        + (f" (alias {alias}: models:/{name}@{alias})" if alias else "")
+        + f" in {done['store']}\n  from run {done['run_id']}: cell {tags['cell']}, replicate "
+        f"{tags['replicate']}, calib MAE {tags['calib_mae']}, test MAE {tags['test_mae']}"
+    )
+    uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+    print(f"predict: agelab predict {uri} IMAGES… --out predictions.csv")
+    print(f"serve:   mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5001")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from agelab.config import TrackingConfig
+    from agelab.predict import run_predict
+
+    run_predict(
+        args.model,
+        args.images,
+        tracking=TrackingConfig(root=Path(args.root)),
+        out=Path(args.out) if args.out else None,
+        on_bad=args.on_bad,
+        progress=not args.quiet,
+    )
     return 0
 
 
@@ -202,6 +238,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.gpu:
+        from agelab.bench.gpu import main as gpu_main
+
+        return gpu_main(device=args.device, out_dir=Path(args.out))
     from agelab.bench import main as bench_main
 
     return bench_main(quick=args.quick, out_dir=Path(args.out))
@@ -221,9 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_commands(sub)
     _add_data_commands(sub)
     _add_browser_commands(sub)
+    _add_handoff_commands(sub)
     p = sub.add_parser("bench", help="benchmarks: training throughput, tracking, data, memory")
     p.add_argument("--quick", action="store_true", help="about 2 minutes on 2 CPU cores")
     p.add_argument("--out", default="bench", help="folder for results.json and results.md")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the GPU path only: fp32/bf16/channels_last/compile, bare-loop fraction, peak "
+        "memory, DataLoader and naive ratios -> OUT/gpu.json + gpu.md; refuses without CUDA",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="with --gpu: cpu is a dry run of the same script (no GPU figures)",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -233,7 +286,27 @@ def _add_study_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run (or resume) a study from experiments/*.yaml")
     p.add_argument("study", help="study file, e.g. experiments/demo.yaml")
     _add_overrides(p)
-    p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local worker processes (default 1; with --gpus/--workers-per-gpu: GPUs × per GPU); "
+        "with GPUs, worker i gets GPU i mod G as its only CUDA device",
+    )
+    p.add_argument(
+        "--gpus",
+        type=_gpu_ids,
+        default=None,
+        metavar="0,2,…",
+        help="GPU ids (torch's cuda:N of this process) the workers may use (default: all visible)",
+    )
+    p.add_argument(
+        "--workers-per-gpu",
+        type=int,
+        default=None,
+        metavar="K",
+        help="workers sharing each GPU (default 1); without --workers: that many per GPU",
+    )
     p.add_argument("--n-trials", type=int, default=None, help="stop this invocation after N trials")
     p.add_argument(
         "--join",
@@ -277,6 +350,50 @@ def _add_study_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("study")
     _add_overrides(p)
     p.set_defaults(func=cmd_config)
+
+
+def _gpu_ids(text: str) -> list[int]:
+    """``--gpus 0,2``: comma-separated GPU ids (checked against the visible GPUs later)."""
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of GPU ids, e.g. 0,2"
+        ) from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"{text!r}: GPU ids are 0 or more")
+    return ids
+
+
+def _add_handoff_commands(sub: argparse._SubParsersAction) -> None:
+    """``register`` and ``predict``: the study's model handed on (docs/handoff.md)."""
+    p = sub.add_parser(
+        "register", help="register a study's best model in the MLflow Model Registry"
+    )
+    p.add_argument("study", help="study file (experiments/demo.yaml) or a study name")
+    p.add_argument("--name", default=None, help="registered model name (default: the study's)")
+    p.add_argument(
+        "--alias", default="champion", help="alias of the new version (default champion; '' none)"
+    )
+    p.add_argument("--root", default="mlruns", help="store folder when STUDY is a name")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("predict", help="ages (and intervals) of images from a trained model")
+    p.add_argument(
+        "model", help="a run id, models:/NAME@ALIAS or models:/NAME/VERSION, or a checkpoint"
+    )
+    p.add_argument("images", nargs="+", help="image files, folders, or a CSV manifest")
+    p.add_argument("--out", default=None, help="CSV to write (default: the table on stdout)")
+    p.add_argument(
+        "--on-bad",
+        choices=("error", "skip"),
+        default="error",
+        help="a bad image stops (error, default) or is skipped and listed (skip)",
+    )
+    p.add_argument("--root", default="mlruns", help="store folder (or $MLFLOW_TRACKING_URI)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -329,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     from agelab.errors import UserError, transient_cause
     from agelab.secrets import mask_uri
 
+    # MLflow's usage telemetry is on by default; agelab's commands (and the UI they serve)
+    # send none unless the user opted in: MLFLOW_DISABLE_TELEMETRY=false (docs/reliability.md).
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     parser = build_parser()
     # Overrides may follow flags (``run x.yaml --quiet train.epochs=2``), which plain
     # argparse positionals do not allow: collect the key=value leftovers here.

@@ -11,6 +11,7 @@ returned to the optimiser.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import time
@@ -26,6 +27,7 @@ from agelab.config import StudyConfig, flatten
 from agelab.data.dataset import SPLITS, FaceDataset
 from agelab.errors import TrainingDiverged, TrialFailed
 from agelab.tracking import Tracker
+from agelab.tracking.datasets import data_source, split_datasets
 
 
 @dataclass
@@ -72,6 +74,20 @@ def build_trial_model(cfg: StudyConfig, image_size: int):
     )
 
 
+def device_tags(device: str) -> dict[str, str]:
+    """Where a trial trains: ``agelab.gpu`` = ``"<id> (<name>)"`` on CUDA, the id as the
+    machine knows it (the worker's ``CUDA_VISIBLE_DEVICES`` entry, else torch's index), or
+    ``"cpu"``; with ``agelab.cuda_visible_devices``, the worker's own, when it has one."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    tags = {} if visible is None else {"agelab.cuda_visible_devices": visible}
+    if device == "cpu" or not torch.cuda.is_available():
+        return tags | {"agelab.gpu": "cpu"}
+    index = torch.cuda.current_device()
+    entries = [e.strip() for e in visible.split(",")] if visible else []
+    gpu = entries[index] if index < len(entries) else str(index)
+    return tags | {"agelab.gpu": f"{gpu} ({torch.cuda.get_device_name(index)})"}
+
+
 def first_conv_weight(model: torch.nn.Module) -> np.ndarray | None:
     """Weights of the first 2-D convolution that sees the image (the matched filters)."""
     for module in model.modules():
@@ -88,20 +104,32 @@ def evaluate_trial(
     on_epoch: Callable[[int, dict[str, float]], None],
     *,
     quiet: bool = False,
+    keep_model: Callable[[float], bool] | None = None,
 ) -> TrialResult:
     """Train the trial's model, diagnose its test predictions, record all of it on run
-    ``run_id``; returns the calib MAE (the objective) and the final metrics."""
+    ``run_id``; returns the calib MAE (the objective) and the final metrics. When
+    ``keep_model(calib MAE)`` says so (``tracking.log_model``, decided by the study), the
+    trained model is logged as the run's MLflow Model too."""
+    tracker.log_datasets(run_id, split_datasets(cfg.name, data_source(cfg.data), data))
+    tracker.set_tags(run_id, device_tags(cfg.train.device))
+    cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    if cuda:  # peak_cuda_memory_gb is this trial's, not the worker's earlier trials'
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()  # fit_seconds: build, census and fit (not the final prediction)
     model, census = build_trial_model(cfg, data.image_size)
     tracker.set_tags(run_id, {f"census.{k}": v for k, v in flatten(census).items() if v != {}})
     result, pred, fitted_at = _train(model, data, cfg, on_epoch, quiet)
     fit_seconds = fitted_at - t0
     diag, final = _diagnose(cfg, data, pred)
+    from agelab.metrics import calibration_split
+
     final |= {
         "fit_seconds": fit_seconds,
         "best_epoch": float(result.best_epoch),
         "train_images_per_second": float(result.images_per_second),
     }
+    if cuda:  # GB = 10^9 bytes, as MLflow's system metrics count
+        final["peak_cuda_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     tracker.log_metrics(run_id, final, step=int(result.best_epoch))
     tracker.set_tags(
         run_id,
@@ -109,11 +137,17 @@ def evaluate_trial(
             "agelab.verdict": diag.verdict,
             "agelab.verdict_reason": diag.verdict_reason,
             "agelab.device": str(result.device),
+            # resident-device | resident-host | streaming (docs/data.md#bigger-than-memory)
+            "agelab.data_path": result.data_path,
+            # where the conformal intervals were calibrated: conformal | calib (fallback)
+            "agelab.conformal_calibrated_on": calibration_split(final["n_conformal_split"]),
         },
     )
     with tempfile.TemporaryDirectory(prefix="agelab-trial-") as tmp:
         _write_artifacts(Path(tmp), cfg, data, pred, model, census, result.history, diag)
         tracker.log_artifacts(run_id, Path(tmp))
+    if keep_model is not None and keep_model(final["calib_mae"]):
+        _log_model(tracker, run_id, cfg, data, model, census, diag, int(result.best_epoch))
     return TrialResult(value=final["calib_mae"], metrics=final)
 
 
@@ -127,8 +161,12 @@ def _train(model, data: FaceDataset, cfg: StudyConfig, on_epoch, quiet: bool):
     try:
         result = fit(model, data, train_cfg, callbacks=[on_epoch])
         fitted_at = time.time()
-        pred = predict(
-            model, data.images, batch_size=cfg.train.eval_batch_size, device=result.device
+        pred = predict(  # amp as in training: the backbone's precision; ages are fp32
+            model,
+            data.images,
+            batch_size=cfg.train.eval_batch_size,
+            device=result.device,
+            amp=cfg.train.amp,
         )
     except TrainingDiverged as exc:
         raise TrialFailed(f"diverged: {exc}") from exc
@@ -139,9 +177,12 @@ def _train(model, data: FaceDataset, cfg: StudyConfig, on_epoch, quiet: bool):
     return result, pred, fitted_at
 
 
-#: The fewest faces conformal intervals are calibrated on (agelab.metrics needs 3); a
-#: smaller conformal split is set aside and the intervals are calibrated on calib.
-MIN_CONFORMAL = 3
+def _calibration_idx(data: FaceDataset) -> np.ndarray:
+    """The faces conformal intervals are calibrated on: the conformal split, or calib when
+    it has too few (see :func:`agelab.metrics.calibration_split`)."""
+    from agelab.metrics import calibration_split
+
+    return data.indices(calibration_split(len(data.indices("conformal"))))
 
 
 def _diagnose(cfg: StudyConfig, data: FaceDataset, pred: np.ndarray):
@@ -153,9 +194,7 @@ def _diagnose(cfg: StudyConfig, data: FaceDataset, pred: np.ndarray):
     calib_idx, test_idx = data.indices("calib"), data.indices("test")
     # Conformal intervals are calibrated on points that chose nothing (not the epoch, not the
     # trial): exchangeable with the test faces. Without a conformal share, on calib.
-    conformal_idx = data.indices("conformal")
-    if len(conformal_idx) < MIN_CONFORMAL:  # none (conformal: 0), or too few to calibrate on
-        conformal_idx = calib_idx
+    conformal_idx = _calibration_idx(data)
     y, p = data.ages.astype(np.float64), pred.astype(np.float64)
     diag = M.evaluate(
         y[test_idx],
@@ -221,6 +260,71 @@ def _write_artifacts(
         from agelab.train import save_checkpoint
 
         save_checkpoint(out / "model.pt", model, config, census)
+
+
+def _log_model(
+    tracker: Tracker, run_id: str, cfg: StudyConfig, data: FaceDataset, model, census, diag, step
+) -> None:
+    """The trial's MLflow Model (see :mod:`agelab.tracking.models`): weights as a checkpoint,
+    the preprocessing training used and the fitted conformal intervals as JSON."""
+    from agelab.secrets import mask_tree
+    from agelab.tracking.models import ModelFiles, log_model
+    from agelab.train import save_checkpoint
+
+    config = mask_tree(cfg.model_dump(mode="json"))
+    with tempfile.TemporaryDirectory(prefix="agelab-model-") as tmp:
+        files = ModelFiles(
+            checkpoint=save_checkpoint(Path(tmp) / "model.pt", model, config, census),
+            preprocessing=_preprocessing(cfg, data),
+            conformal=_conformal(diag, data),
+            example=data.images[: min(2, len(data))].numpy(),
+        )
+        log_model(tracker, run_id, files, step=step,
+                  tags={"agelab.dataset_fingerprint": data.fingerprint})  # fmt: skip
+
+
+def _preprocessing(cfg: StudyConfig, data: FaceDataset) -> dict:
+    """How an image becomes the model's input, exactly as in training."""
+    from agelab.data.images import DECODER_VERSION
+    from agelab.train import IMAGENET_MEAN, IMAGENET_STD
+
+    return {
+        "image_size": data.image_size,
+        "center_crop": cfg.data.center_crop,
+        "decoder": "agelab.data.images.decode_image",
+        "decoder_version": DECODER_VERSION,
+        "steps": "decode, EXIF orientation, RGB (alpha over grey), square crop (face box or "
+        "center_crop of the shorter side), Lanczos resize to image_size",
+        "layout": "uint8 RGB [N, 3, image_size, image_size]",
+        "normalisation": {"scale": "1/255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "precision": "float32",
+        "dataset": {"source": cfg.data.source, "fingerprint": data.fingerprint},
+    }
+
+
+def _conformal(diag, data: FaceDataset) -> dict:
+    """The run's split-conformal intervals (level → half-width q, by band too); an unbounded
+    q (too few calibration faces for the level) is null."""
+
+    def finite(values):
+        return [float(v) if np.isfinite(v) else None for v in values]
+
+    from agelab.metrics import calibration_split
+
+    split = calibration_split(len(data.indices("conformal")))
+    levels = [
+        {
+            "level": float(level),
+            "q": finite([ci.q])[0],
+            "n_calib": int(ci.n_calib),
+            "band_edges": list(ci.band_edges),
+            "band_q": finite(ci.band_q),
+            "band_n": list(ci.band_n),
+        }
+        for level, ci in sorted(diag.conformal.items())
+    ]
+    return {"method": "split-conformal: age ± q, q a quantile of |residual|",
+            "calibrated_on": split, "levels": levels}  # fmt: skip
 
 
 def _predictions_table(data: FaceDataset, pred: np.ndarray) -> pd.DataFrame:

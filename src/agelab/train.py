@@ -5,11 +5,15 @@ Design points (details in ``docs/models.md``):
 
 * The whole uint8 image tensor goes to the device once (when it fits in half the free GPU
   memory; otherwise batches are gathered on the host, pinned and copied ``non_blocking``).
+  A dataset bigger than ``data.max_resident_gb`` stays on disk (memory-mapped shards): a
+  background thread gathers the next batches, the same ones in the same order.
   Batches are indexed on the device; augmentation is batched tensor work on the device (one
   ``affine_grid`` + ``grid_sample`` per batch for flip/scale/shift/rotate, then
   brightness/contrast) — no per-image Python, no PIL.
-* CUDA: bf16 autocast, channels_last, optional ``torch.compile``, cudnn.benchmark. AdamW is
-  the fused implementation on CUDA and CPU (on CPU ~4× faster per step than the default).
+* CUDA: bf16 autocast, channels_last, optional ``torch.compile``, cudnn.benchmark (the same
+  on the CPU with ``train.amp: bf16``; see :mod:`agelab.device`). The head, the loss, the
+  ages and every metric are fp32 whatever the training precision. AdamW is the fused
+  implementation on CUDA and CPU (on CPU ~4× faster per step than the default).
   The step loop never waits for the GPU except every ``NONFINITE_CHECK_EVERY`` steps (to read
   the non-finite flag) and once per epoch (metrics). On CPU the loss is checked every step
   (free: CPU ops are synchronous anyway).
@@ -37,6 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agelab.data.prefetch import Prefetcher
+from agelab.data.shards import ShardedImages
+from agelab.device import (
+    autocast,
+    compile_guard,
+    compile_model,
+    exact_fp32,
+    resolve_device,
+    uses_bf16,
+)
 from agelab.errors import CheckpointError, TrainingDiverged
 from agelab.faults import kill_point
 from agelab.losses import AgeLoss, make_loss
@@ -62,6 +76,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NONFINITE_CHECK_EVERY = 32  # CUDA: steps between reads of the non-finite flag (one sync each)
 RESIDENT_FRACTION = 0.5  # CUDA: keep images on the GPU when they need < this share of free memory
+PREFETCH_DEPTH = 3  # streamed data: batches gathered ahead of the one training
 CHECKPOINT_FORMAT = "agelab-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -84,6 +99,7 @@ class FitResult:
     seconds: float = 0.0
     images_per_second: float = 0.0  # training steps only (augmentation included, eval excluded)
     device: str = "cpu"
+    data_path: str = "resident-host"  # or resident-device, streaming (see _Images)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -94,17 +110,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is an error."""
-    if isinstance(name, torch.device):
-        return name
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available (use device=auto or cpu)")
-    return torch.device(name)
 
 
 def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -196,18 +201,29 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 class _Images:
-    """The dataset images on the device (resident) or on the host (pinned batch copies)."""
+    """The dataset images on the device (``resident-device``), on the host with pinned batch
+    copies (``resident-host``), or memory-mapped shards on disk (``streaming``: a
+    :class:`~agelab.data.shards.ShardedImages`), whose batches a background thread gathers
+    ahead — into pinned buffers on CUDA — once :meth:`prefetch` announced them.
 
-    def __init__(self, images: torch.Tensor, device: torch.device):
+    :meth:`take` returns the same batch whichever the path (prefetched or not), so
+    augmentation, normalisation and results do not depend on it. :meth:`close` ends a
+    prefetch thread (idempotent; the owner calls it when the announced batches are done or
+    abandoned)."""
+
+    def __init__(self, images: Any, device: torch.device):
         self.device = device
-        self.resident = True
-        if device.type == "cuda":
+        self.resident = isinstance(images, torch.Tensor)
+        self.path = "resident-host" if self.resident else "streaming"
+        self._ahead: Prefetcher | None = None
+        if self.resident and device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             if images.numel() < RESIDENT_FRACTION * free:
                 images = images.to(device, non_blocking=True)
+                self.path = "resident-device"
             else:
                 self.resident = False
-        self.images = images.contiguous()
+        self.images = images.contiguous() if isinstance(images, torch.Tensor) else images
 
     def index_device(self, ids: torch.Tensor) -> torch.Tensor:
         """Where batch indices should live (the device if resident, else the host)."""
@@ -216,8 +232,38 @@ class _Images:
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         if self.resident:
             return self.images[idx]
-        batch = self.images.index_select(0, idx)
-        return batch.pin_memory().to(self.device, non_blocking=True)
+        if self.path == "streaming":
+            batch = self._prefetched(idx)
+        else:
+            batch = self.images.index_select(0, idx).pin_memory()
+        return batch.to(self.device, non_blocking=True)
+
+    def prefetch(self, batches: Sequence[torch.Tensor]) -> None:
+        """The index batches :meth:`take` will be asked for next, in order (streaming only)."""
+        self.close()
+        if self.path == "streaming" and len(batches):
+            self._ahead = Prefetcher(lambda idx: (idx, self._gather(idx)), batches, PREFETCH_DEPTH)
+
+    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Read a batch from the shards (into a pinned buffer on CUDA)."""
+        pin = self.device.type == "cuda"
+        out = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        self.images.gather(idx, out=out.numpy())
+        return out
+
+    def _prefetched(self, idx: torch.Tensor) -> torch.Tensor:
+        """The next announced batch when it is ``idx``; else read now (and stop prefetching)."""
+        if self._ahead is not None:
+            planned, batch = next(self._ahead, (None, None))
+            if planned is not None and torch.equal(planned, idx):
+                return batch
+            self.close()
+        return self._gather(idx)
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
 
 # -------------------------------------------------------------------------------------- fit
@@ -260,7 +306,8 @@ def fit(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _fit(model, data, cfg, callbacks, loss_name or cfg.loss)
+        with compile_guard(cfg.compile):  # a recompile-limit hit raises, never runs eager
+            return _fit(model, data, cfg, callbacks, loss_name or cfg.loss)
     finally:
         if cfg.threads:
             torch.set_num_threads(previous_threads)
@@ -305,7 +352,7 @@ def _fit(
 ) -> FitResult:
     t_start = time.perf_counter()
     loop = _setup(model, data, cfg, loss_name)
-    result = FitResult(device=str(loop.device))
+    result = FitResult(device=str(loop.device), data_path=loop.images.path)
     best_state: dict[str, torch.Tensor] | None = None
     since_best = 0
     train_seconds, train_images = 0.0, 0
@@ -353,11 +400,12 @@ def _prepare_model(
     loss_fn = _resolve_loss(model, loss_name, cfg)
     model.loss = loss_fn
     model.to(device)
-    channels_last = device.type == "cuda" and cfg.channels_last
+    # channels_last where it pays: CUDA, and CPU bf16 (oneDNN's bf16 convolutions want it)
+    channels_last = cfg.channels_last and (device.type == "cuda" or uses_bf16(device, cfg.amp))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     return loss_fn, channels_last
 
 
@@ -384,11 +432,11 @@ def _setup(model: AgeRegressor, data: Any, cfg: Any, loss_name: str) -> _Loop:
     return _Loop(
         cfg=cfg,
         model=model,
-        net=torch.compile(model) if cfg.compile else model,
+        net=compile_model(model) if cfg.compile else model,
         loss_fn=loss_fn,
         device=device,
         channels_last=channels_last,
-        amp=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp),
+        amp=autocast(device, cfg.amp),
         images=images,
         ages=torch.from_numpy(ages_np).to(device),
         train_ids=images.index_device(torch.from_numpy(train_idx)),
@@ -418,10 +466,15 @@ def _epoch(loop: _Loop, epoch: int) -> tuple[dict[str, float], float]:
     except BaseException:  # Ctrl-C: close the bar, or it redraws after the last message
         bar.close()
         raise
+    finally:
+        loop.images.close()  # streamed data: the prefetch thread ends with the steps
     if loop.cuda:
         torch.cuda.synchronize(loop.device)  # honest timing; the epoch-end read syncs anyway
     seconds_train = time.perf_counter() - t_epoch
-    calib_mae_t = _calib_mae(loop)
+    try:
+        calib_mae_t = _calib_mae(loop)
+    finally:
+        loop.images.close()
     # One read of both numbers: the only sync of the epoch on CUDA.
     train_loss, calib_mae = torch.stack([loss_sum / loop.steps, calib_mae_t]).tolist()
     bar.set_postfix(loss=f"{train_loss:.4f}", calib_mae=f"{calib_mae:.3f}")
@@ -464,6 +517,7 @@ def _train_steps(loop: _Loop, epoch: int, bar: Any) -> torch.Tensor:
     order = loop.train_ids[
         torch.randperm(n_train, generator=loop.order_gen).to(loop.train_ids.device)
     ]
+    loop.images.prefetch([order[s * bs : (s + 1) * bs] for s in range(loop.steps)])
     loss_sum = torch.zeros((), device=loop.device)
     first_bad = torch.full((), -1, dtype=torch.long, device=loop.device) if loop.cuda else None
     for step in range(loop.steps):
@@ -533,6 +587,7 @@ def _calib_mae(loop: _Loop) -> torch.Tensor:
     ages = loop.ages
     total = torch.zeros((), device=ages.device)
     batch_size = loop.cfg.eval_batch_size
+    loop.images.prefetch([ids[s : s + batch_size] for s in range(0, len(ids), batch_size)])
     for start in range(0, len(ids), batch_size):
         idx = ids[start : start + batch_size]
         x = _normalise(loop.images.take(idx), loop.mean_px, loop.std_px)
@@ -551,18 +606,23 @@ def _calib_mae(loop: _Loop) -> torch.Tensor:
 @torch.inference_mode()
 def predict(
     model: AgeRegressor,
-    images_uint8: torch.Tensor | np.ndarray,
+    images_uint8: torch.Tensor | np.ndarray | ShardedImages,
     *,
     batch_size: int = 256,
     device: str | torch.device | None = None,
-    amp: bool = True,
+    amp: bool | str = True,
 ) -> np.ndarray:
     """Ages in years (float32 [N]) for uint8 images [N, 3, H, W].
 
-    ``device``: where to run (the model is moved there); default the model's device. ``amp``:
-    bf16 autocast on CUDA (ignored on CPU). The model's train/eval mode is restored.
+    ``device``: where to run (the model is moved there); default the model's device. ``amp``
+    (as ``train.amp``): the backbone under bf16 autocast on CUDA (``"bf16"``: on the CPU
+    too); the head and the ages are fp32 either way, and without autocast the convolutions
+    are IEEE fp32 (no TF32). The model's train/eval mode is restored.
+    :class:`~agelab.data.shards.ShardedImages` (a dataset bigger than memory) stream: read a
+    few batches ahead on a thread, never all at once.
     """
-    images = torch.as_tensor(images_uint8)
+    sharded = isinstance(images_uint8, ShardedImages)
+    images = images_uint8 if sharded else torch.as_tensor(images_uint8)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(
             f"images must be uint8 [N,3,H,W], got {images.dtype} {tuple(images.shape)}"
@@ -573,19 +633,34 @@ def predict(
     was_training = model.training
     model.eval()
     outs = []
+    streamed = _Images(images, dev) if sharded else None
+    if streamed is not None:
+        streamed.prefetch(list(torch.arange(len(images)).split(batch_size)))
+    bf16 = uses_bf16(dev, amp)
     try:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and amp):
+        with exact_fp32(dev, enabled=not bf16):
             for start in range(0, len(images), batch_size):
-                x = images[start : start + batch_size].to(dev, non_blocking=True)
+                x = _slice(images, streamed, start, batch_size).to(dev, non_blocking=True)
                 x = _normalise(x, mean_px, std_px)
-                if dev.type == "cuda":
+                if dev.type == "cuda" or bf16:
                     x = x.contiguous(memory_format=torch.channels_last)
-                outs.append(model.to_age(model(x).float()))
+                with autocast(dev, amp):  # the backbone; the head and to_age are fp32
+                    out = model(x)
+                outs.append(model.to_age(out.float()))
     finally:
         model.train(was_training)
+        if streamed is not None:
+            streamed.close()
     if not outs:
         return np.zeros(0, dtype=np.float32)
     return torch.cat(outs).float().cpu().numpy()
+
+
+def _slice(images: Any, streamed: _Images | None, start: int, size: int) -> torch.Tensor:
+    """Images ``start:start + size``: a slice, or the streamed batch prefetched for it."""
+    if streamed is None:
+        return images[start : start + size]
+    return streamed.take(torch.arange(start, min(start + size, len(images))))
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from helpers import REPO
@@ -80,10 +81,12 @@ for line in sys.stdin:
 class Zygote:
     """Forks ``agelab`` invocations from a process with the heavy imports done."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: Sequence[str] = ()) -> None:
+        """``prefix``: a command the zygote runs under (e.g. ``unshare`` into a namespace of
+        its own, see :func:`helpers.namespaces.as_host`); its forks run there too."""
         env = os.environ | {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", ZYGOTE],
+            [*prefix, sys.executable, "-c", ZYGOTE],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

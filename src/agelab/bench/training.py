@@ -17,6 +17,8 @@ All three train the same backbone on the same synthetic faces (no augmentation a
 One warm-up epoch of each loop, then ``repeats`` rounds of (fit, bare, naive) epochs,
 interleaved so drifting machine load hits all three alike; min / median / max reported.
 On CUDA :func:`bench_gpu_variants` adds fp32 / bf16 / channels_last / ``torch.compile``.
+:func:`bench_streaming` compares ``fit`` streaming from memory-mapped shards (a dataset
+bigger than ``data.max_resident_gb``) with ``fit`` on the same images resident.
 
 The naive baseline imports mlflow itself (``mlflow.log_metric`` is the point of it) — an
 exception to agelab's rule that only :mod:`agelab.tracking` touches mlflow.
@@ -44,9 +46,12 @@ __all__ = [
     "FileImages",
     "bench_fit_vs_bare",
     "bench_gpu_variants",
+    "bench_streaming",
     "bench_training",
+    "fixed_batch_loop",
     "make_dataset",
     "naive_epoch",
+    "streamed_copy",
     "write_jpegs",
 ]
 
@@ -170,9 +175,11 @@ def naive_epoch(model, loader, opt, loss_fn, device: torch.device, step: int = 0
 
 
 def _bare_epoch(model, data, cfg, device: torch.device) -> float:
-    """One epoch of the bare loop; returns images/s."""
+    """One epoch of the bare loop; returns images/s. As many steps of the same size as
+    ``fit`` takes (one batch of everything when there are fewer images than a batch)."""
+    from agelab.device import autocast, uses_bf16
     from agelab.losses import make_loss
-    from agelab.train import imagenet_stats, make_optimizer
+    from agelab.train import _steps_per_epoch, imagenet_stats, make_optimizer
 
     cuda = device.type == "cuda"
     loss_fn = make_loss(cfg.loss, huber_delta=cfg.huber_delta)
@@ -181,10 +188,10 @@ def _bare_epoch(model, data, cfg, device: torch.device) -> float:
     ages = torch.from_numpy(data.ages).to(device)
     train = torch.from_numpy(data.indices("train")).to(device)
     mean, std = imagenet_stats(device)
-    bs = cfg.batch_size
-    steps = len(train) // bs
+    steps, bs = _steps_per_epoch(len(train), cfg.batch_size)
     order = train[torch.randperm(len(train)).to(device)]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp)
+    amp = autocast(device, cfg.amp)
+    channels_last = cfg.channels_last and (cuda or uses_bf16(device, cfg.amp))
     model.train()
     if cuda:
         torch.cuda.synchronize(device)
@@ -192,7 +199,7 @@ def _bare_epoch(model, data, cfg, device: torch.device) -> float:
     for step in range(steps):
         idx = order[step * bs : (step + 1) * bs]
         x = (images[idx].float().div_(255.0) - mean) / std
-        if cuda and cfg.channels_last:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with amp:
             out = model(x)
@@ -438,7 +445,7 @@ def bench_fit_vs_bare(
     )
 
 
-# CUDA variants of fit, each against the bare loop in bf16 + channels_last.
+# fit in each precision / layout / compile setting, each against a bare loop in the same one.
 GPU_VARIANTS: dict[str, dict[str, bool]] = {
     "fp32": {"amp": False, "channels_last": False},
     "bf16": {"amp": True, "channels_last": False},
@@ -454,50 +461,187 @@ def bench_gpu_variants(
     batch_size: int = 256,
     repeats: int = 3,
     *,
+    device: str = "cuda",
+    data: Any = None,
     verbose: bool = True,
 ) -> list[dict[str, Any]]:
-    """CUDA only: ``fit`` images/s for each of :data:`GPU_VARIANTS`, each with the fraction of
-    the bare loop (bf16 + channels_last) measured beside it. Empty without CUDA."""
-    if not torch.cuda.is_available():
+    """``fit`` images/s for each of :data:`GPU_VARIANTS`, each beside a bare loop in the same
+    setting on the same model (:func:`fixed_batch_loop`: forward, backward and a fused AdamW
+    step on one batch already on the device), and the variant's peak GPU memory.
+
+    Empty when ``device="cuda"`` and there is no CUDA. ``device="cpu"`` is the dry run of
+    ``agelab bench --gpu --device cpu``: the same code, ``amp`` as bf16 autocast on the CPU.
+    ``data``: a FaceDataset to use instead of ``n_images`` fresh synthetic faces."""
+    if device == "cuda" and not torch.cuda.is_available():
         return []
-    dev = torch.device("cuda")
-    data = make_dataset(n_images, image_size)
-    bare_cfg = _train_cfg(batch_size, dev, amp=True, channels_last=True)
+    dev = torch.device(device)
+    data = data if data is not None else make_dataset(n_images, image_size)
     out = []
     for name, extra in GPU_VARIANTS.items():
-        row = _gpu_variant(backbone, data, _train_cfg(batch_size, dev, **extra), bare_cfg, repeats)
+        if dev.type == "cpu" and extra["amp"]:
+            extra = {**extra, "amp": "bf16"}  # what amp: true does on CUDA, on the CPU
+        row = _gpu_variant(backbone, data, _train_cfg(batch_size, dev, **extra), repeats)
         out.append({"variant": name, **row})
         if verbose:
             say(
-                f"gpu {name}: fit {row['fit_images_per_second']['median']:.0f} img/s, "
-                f"{row['fraction_of_bare']:.3f} of the bare loop"
+                f"{dev.type} {name}: fit {row['fit_images_per_second']['median']:.0f} img/s, "
+                f"{row['fraction_of_bare']:.3f} of the bare loop, peak memory "
+                f"{row['max_memory_allocated_mb']} MB"
             )
-        torch.cuda.empty_cache()  # the variant's models are gone: start the next one clean
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()  # the variant's model is gone: start the next one clean
     return out
 
 
-def _gpu_variant(backbone: str, data, cfg, bare_cfg, repeats: int) -> dict[str, Any]:
-    """``fit`` with ``cfg`` against the bare loop with ``bare_cfg``, fresh models each."""
+def fixed_batch_loop(model, data, cfg, device: torch.device) -> Callable[[], float]:
+    """The bare loop of a variant: forward, loss, backward and a fused AdamW step on one
+    fixed batch, normalised and already on the device, in ``cfg``'s precision, layout and
+    compile setting (compiled, it shares ``fit``'s graphs: the same model). No indexing,
+    augmentation, clipping, schedule or divergence check: the ceiling for ``fit``. Returns a
+    function that runs as many steps as a ``fit`` epoch and returns images/s."""
+    from agelab.device import autocast, compile_model, uses_bf16
+    from agelab.train import _steps_per_epoch, imagenet_stats, make_loss, make_optimizer
+
+    train = torch.from_numpy(data.indices("train"))
+    steps, bs = _steps_per_epoch(len(train), cfg.batch_size)
+    mean, std = imagenet_stats(device)
+    x = (data.images[train[:bs]].to(device).float().div_(255.0) - mean) / std
+    y = torch.from_numpy(np.asarray(data.ages, dtype=np.float32)[train[:bs].numpy()]).to(device)
+    if cfg.channels_last and (device.type == "cuda" or uses_bf16(device, cfg.amp)):
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    loss_fn = make_loss(cfg.loss, huber_delta=cfg.huber_delta)
+    opt = make_optimizer(model, cfg, device)
+    net = compile_model(model) if cfg.compile else model
+    amp = autocast(device, cfg.amp)
+
+    def run() -> float:
+        model.train()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            with amp:
+                out = net(x)
+            loss = loss_fn(out.float(), y, model.age_mean, model.age_std)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        _sync(device)
+        return steps * bs / max(time.perf_counter() - t0, 1e-9)
+
+    return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gpu_variant(backbone: str, data, cfg, repeats: int) -> dict[str, Any]:
+    """``fit`` with ``cfg`` against :func:`fixed_batch_loop` in the same setting, one fresh
+    model; the peak memory of the two (reset first, so each variant has its own)."""
     from agelab.train import fit
 
-    dev = torch.device("cuda")
+    dev = torch.device(cfg.device)
     model = _fresh_model(backbone, data.image_size, dev)
-    bare_model = _fresh_model(backbone, data.image_size, dev, channels_last=True)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    bare = fixed_batch_loop(model, data, cfg, dev)
     ips = _interleaved(
-        {
-            "fit": lambda: fit(model, data, cfg).images_per_second,
-            "bare": lambda: _bare_epoch(bare_model, data, bare_cfg, dev),
-        },
-        repeats,
+        {"fit": lambda: fit(model, data, cfg).images_per_second, "bare": bare}, repeats
     )
     fraction, fraction_best = _versus(ips, "fit", "bare")
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
     return {
         "backbone": backbone,
         "image_size": data.image_size,
         "batch_size": cfg.batch_size,
+        "n_images": len(data.indices("train")),
+        "amp": cfg.amp,
+        "channels_last": cfg.channels_last,
+        "compile": cfg.compile,
         "fit_images_per_second": summary(ips["fit"]),
         "bare_images_per_second": summary(ips["bare"]),
         "fraction_of_bare": fraction,
         "fraction_of_bare_best": fraction_best,
-        "max_memory_allocated_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1),
+        "max_memory_allocated_mb": round(peak, 1) if peak is not None else None,
     }
+
+
+def streamed_copy(data, folder: Path, shards: int = 4):
+    """``data`` with its images written to a shard store in ``folder`` (``shards`` shards)
+    and read back memory-mapped: what a dataset bigger than ``data.max_resident_gb`` trains
+    from. Labels and splits are shared."""
+    import dataclasses
+
+    from agelab.data.cache import fingerprint
+    from agelab.data.shards import ShardWriter, build_in_chunks
+
+    images = data.images.numpy()
+    n = len(images)
+    writer = ShardWriter(folder, "bench", fingerprint({"bench": n}), n, data.image_size,
+                         rows=max(1, -(-n // shards)))  # fmt: skip
+    store = writer.finish(build_in_chunks(writer, lambda a, b: (images[a:b], {})), {}, {})
+    return dataclasses.replace(data, images=store.images)
+
+
+def bench_streaming(
+    backbone: str = "mobilenetv3_small_100",
+    image_size: int = 64,
+    n_images: int = 192,
+    batch_size: int = 64,
+    repeats: int = 3,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Training images/s of ``fit`` streaming from memory-mapped shards (a prefetch thread
+    gathering the next batches) against ``fit`` on the same images held resident: the
+    two interleaved on one model, warm-up first. The shards sit in the page cache after
+    the warm-up, so this is the streaming path's own cost, not the disk's."""
+    from agelab.train import fit, resolve_device
+
+    dev = resolve_device(device)
+    with _torch_threads(threads), tempfile.TemporaryDirectory(prefix="agelab-bench-") as tmp:
+        data = make_dataset(n_images, image_size)
+        streamed = streamed_copy(data, Path(tmp))
+        cfg = _train_cfg(batch_size, dev)
+        model = _fresh_model(backbone, image_size, dev, channels_last=dev.type == "cuda")
+        paths: dict[str, str] = {}
+
+        def run(d, name: str) -> float:
+            result = fit(model, d, cfg)
+            paths[name] = result.data_path
+            return result.images_per_second
+
+        ips = _interleaved(
+            {
+                "streaming": lambda: run(streamed, "streaming"),
+                "resident": lambda: run(data, "resident"),
+            },
+            repeats,
+        )
+        n_shards = len(streamed.images.shards)
+    result = {
+        "backbone": backbone,
+        "image_size": image_size,
+        "n_images": len(data.indices("train")),
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "device": str(dev),
+        "threads": threads or torch.get_num_threads(),
+        "shards": n_shards,
+        "paths": paths,
+        "streaming_images_per_second": summary(ips["streaming"]),
+        "resident_images_per_second": summary(ips["resident"]),
+    }
+    result["ratio"], result["ratio_best"] = _versus(ips, "streaming", "resident")
+    if verbose:
+        say(
+            f"streaming {backbone} {image_size}px batch {batch_size} ({dev}, {n_shards} shards): "
+            f"{result['streaming_images_per_second']['median']:.1f} img/s vs resident "
+            f"({paths.get('resident')}) {result['resident_images_per_second']['median']:.1f} "
+            f"img/s, ratio {result['ratio']:.3f} (best-of {result['ratio_best']:.3f})"
+        )
+    return result

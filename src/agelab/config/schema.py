@@ -205,6 +205,13 @@ class DataConfig(Strict):
     cache_dir: UserPath | None = Field(
         None, description="default: $AGELAB_CACHE_DIR or .cache/agelab"
     )
+    max_resident_gb: float | None = Field(
+        None,
+        ge=0,
+        description="decoded images larger than this (GB) stream from memory-mapped shards "
+        "in cache_dir instead of being held in RAM; default: half the available RAM; "
+        "0 always streams",
+    )
 
     @field_validator("source")
     @classmethod
@@ -288,7 +295,12 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     patience: int | None = Field(5, ge=1, description="early stopping on calib MAE")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(True, description="bf16 autocast on CUDA")
+    amp: bool | Literal["bf16"] = Field(
+        True,
+        description="bf16 autocast: true = on CUDA (the CPU trains in fp32), bf16 = on the "
+        "CPU too (with channels_last), false = fp32 everywhere; the head, ages and metrics "
+        "are fp32 either way",
+    )
     channels_last: bool = True
     compile: bool = False
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
@@ -422,6 +434,17 @@ class TrackingConfig(Strict):
     log_figures: bool = True
     log_predictions: bool = True
     log_checkpoint: bool = False
+    log_model: Literal["none", "best", "all"] = Field(
+        "best",
+        description="MLflow Model per trial: best = a trial that beats every earlier replicate "
+        "of its cell (so each cell's best has one), all = every completed trial, none",
+    )
+    system_metrics: bool = Field(
+        False,
+        description="MLflow system metrics (system/…: CPU, memory, disk, network; GPUs with "
+        "nvidia-ml-py) on every trial run, every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s "
+        "(default 10)",
+    )
 
     @field_validator("experiment")
     @classmethod

@@ -96,6 +96,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_array(file: Path, arr: np.ndarray) -> dict[str, Any]:
+    """Save ``arr`` (contiguous, no pickle) atomically to ``file``; what a sidecar records of
+    it: file name, shape, dtype, bytes in memory and on disk, and the content's sha256."""
+    arr = np.ascontiguousarray(arr)
+    _atomic_write(file, lambda f: np.save(f, arr, allow_pickle=False))
+    return {
+        "file": file.name,
+        "shape": list(arr.shape),
+        "dtype": arr.dtype.str,
+        "bytes": int(arr.nbytes),
+        "file_bytes": file.stat().st_size,
+        "sha256": array_checksum(arr),
+    }
+
+
 def _atomic_write(target: Path, write) -> None:
     """Write via ``write(file)`` to a temp file beside ``target``, fsync, then replace."""
     # The writer's host and pid are in the name, so a later writer can remove the temp
@@ -148,16 +163,7 @@ def save_entry(
         arr = np.ascontiguousarray(arr)
         if arr.dtype == object:
             raise TypeError(f"cache array {name!r} has dtype object; use a fixed-width dtype")
-        file = folder / f"{key}.{name}.npy"
-        _atomic_write(file, lambda f, a=arr: np.save(f, a, allow_pickle=False))
-        described[name] = {
-            "file": file.name,
-            "shape": list(arr.shape),
-            "dtype": arr.dtype.str,
-            "bytes": int(arr.nbytes),
-            "file_bytes": file.stat().st_size,
-            "sha256": array_checksum(arr),
-        }
+        described[name] = write_array(folder / f"{key}.{name}.npy", arr)
     sidecar = {
         "format": CACHE_FORMAT_VERSION,
         "fingerprint": fp,
@@ -198,6 +204,22 @@ def _load_array(folder: Path, name: str, spec: dict[str, Any], verify: bool) -> 
     return arr
 
 
+def read_sidecar(side: Path, version: int, fp: str) -> dict[str, Any]:
+    """A sidecar's JSON object, checked for its format ``version`` and fingerprint ``fp``;
+    raises :class:`_Corrupt` saying what is wrong."""
+    try:
+        sidecar = json.loads(side.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Corrupt(f"sidecar is not valid JSON ({exc})") from None
+    if not isinstance(sidecar, dict):
+        raise _Corrupt("sidecar is not a JSON object")
+    if sidecar.get("format") != version:
+        raise _Corrupt(f"format {sidecar.get('format')!r}, expected {version}")
+    if sidecar.get("fingerprint") != fp:
+        raise _Corrupt("sidecar fingerprint does not match its name")
+    return sidecar
+
+
 def load_entry(
     cache_dir: str | Path, key: str, fp: str, *, verify: bool = True
 ) -> CacheEntry | None:
@@ -207,16 +229,9 @@ def load_entry(
     if not side.is_file():
         return None
     try:
-        try:
-            sidecar = json.loads(side.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise _Corrupt(f"sidecar is not valid JSON ({exc})") from None
-        if not isinstance(sidecar, dict) or not isinstance(sidecar.get("arrays"), dict):
+        sidecar = read_sidecar(side, CACHE_FORMAT_VERSION, fp)
+        if not isinstance(sidecar.get("arrays"), dict):
             raise _Corrupt("sidecar lacks the array table")
-        if sidecar.get("format") != CACHE_FORMAT_VERSION:
-            raise _Corrupt(f"format {sidecar.get('format')!r}, expected {CACHE_FORMAT_VERSION}")
-        if sidecar.get("fingerprint") != fp:
-            raise _Corrupt("sidecar fingerprint does not match its name")
         try:
             arrays = {
                 name: _load_array(folder, name, spec, verify)

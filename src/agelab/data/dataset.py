@@ -1,4 +1,5 @@
-"""The in-memory dataset every trial trains on: decoded uint8 images plus labels and splits."""
+"""The dataset every trial trains on: decoded uint8 images plus labels and splits (the images
+in memory, or memory-mapped from disk when they are bigger than ``data.max_resident_gb``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from agelab.data.shards import ShardedImages
 
 #: train: fit; calib: the objective and best-epoch selection; conformal: conformal calibration
 #: only (may be empty, see SplitConfig.conformal); test: reported, never chosen on.
@@ -17,7 +20,9 @@ SPLITS = ("train", "calib", "conformal", "test")
 class FaceDataset:
     """Decoded images and labels, ready to be moved to the device once.
 
-    images     uint8 tensor [N, 3, H, W] (CPU, contiguous)
+    images     uint8 tensor [N, 3, H, W] (CPU, contiguous), or :class:`ShardedImages` (the
+               same shape, memory-mapped shards on disk: bigger than data.max_resident_gb;
+               indexing it gives tensors)
     ages       float32 [N] — the labels models learn from and are scored against
     subjects   str [N] — person id ("" where unknown); splits keep a subject in one split
     split      str [N] — "train" | "calib" | "conformal" | "test"
@@ -28,7 +33,7 @@ class FaceDataset:
                noise floor, …)
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | ShardedImages
     ages: np.ndarray
     subjects: np.ndarray
     split: np.ndarray
@@ -54,6 +59,11 @@ class FaceDataset:
 
     def __len__(self) -> int:
         return len(self.ages)
+
+    @property
+    def streaming(self) -> bool:
+        """True when the images stay on disk (memory-mapped shards), not in RAM."""
+        return isinstance(self.images, ShardedImages)
 
     @property
     def image_size(self) -> int:

@@ -22,7 +22,6 @@ def export_folder(data: FaceDataset, out: Path, *, progress: bool = True) -> Pat
     that a spreadsheet would run as a formula gets a leading ``'``, see :mod:`agelab.csvsafe`)."""
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    pixels = data.images.permute(0, 2, 3, 1).contiguous().numpy()  # NHWC for PIL
     manifest = out / "labels.csv"
     tmp = manifest.with_suffix(".csv.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as fh:
@@ -30,7 +29,8 @@ def export_folder(data: FaceDataset, out: Path, *, progress: bool = True) -> Pat
         writer.writerow(["path", "age", "subject"])
         for i in tqdm(range(len(data)), desc="export", unit="img", disable=not progress):
             rel = f"images/{i:06d}.png"
-            Image.fromarray(np.ascontiguousarray(pixels[i])).save(out / rel)
+            pixels = data.images[i].permute(1, 2, 0).numpy()  # HWC; streamed data too
+            Image.fromarray(np.ascontiguousarray(pixels)).save(out / rel)
             writer.writerow([rel, f"{float(data.ages[i]):.3f}", safe_cell(str(data.subjects[i]))])
     tmp.replace(manifest)  # the manifest appears only once every image is on disk
     return manifest

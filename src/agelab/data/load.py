@@ -30,6 +30,18 @@ from agelab.data.cache import (
 )
 from agelab.data.dataset import FaceDataset
 from agelab.data.images import DECODER_VERSION, Box, ImageProblem, decode_many
+from agelab.data.shards import (
+    Budget,
+    ShardedImages,
+    ShardStore,
+    ShardWriter,
+    build_in_chunks,
+    decoded_bytes,
+    human_bytes,
+    join_images,
+    open_store,
+    resident_budget,
+)
 from agelab.data.sources import (
     SOURCES,
     BadRow,
@@ -57,10 +69,11 @@ def load_dataset(cfg: DataConfig, *, progress: bool = True) -> FaceDataset:
     if cfg.source not in SOURCES:
         raise DataError(f"unknown data source {cfg.source!r}; valid: {', '.join(SOURCES)}")
     t0 = time.perf_counter()
+    budget = resident_budget(cfg.max_resident_gb)  # beyond it, images stream from disk
     if SOURCES[cfg.source].read is None:
-        data = _load_synthetic(cfg, progress)
+        data = _load_synthetic(cfg, progress, budget)
     else:
-        data = _load_real(cfg, progress)
+        data = _load_real(cfg, progress, budget)
     data.info["seconds"] = round(time.perf_counter() - t0, 3)
     return data
 
@@ -92,7 +105,7 @@ def _try_save(cache_dir: Path, key: str, fp: str, arrays: dict, meta: dict) -> P
 def _finish(
     cfg: DataConfig,
     *,
-    images: np.ndarray,
+    images: np.ndarray | ShardedImages,
     ages: np.ndarray,
     subjects: np.ndarray,
     fp: str,
@@ -113,8 +126,10 @@ def _finish(
     info["image_size"] = cfg.image_size
     info["split"] = split_summary(split, ages, subjects)
     info["split_seed"] = cfg.split.seed
+    if not isinstance(images, ShardedImages):
+        images = torch.from_numpy(np.ascontiguousarray(images))
     return FaceDataset(
-        images=torch.from_numpy(np.ascontiguousarray(images)),
+        images=images,
         ages=ages.astype(np.float32),
         subjects=subjects,
         split=split,
@@ -143,22 +158,69 @@ def _protocol_summary(
     return checks
 
 
+def _residency(what: str, n: int, cfg: DataConfig, budget: Budget) -> dict[str, Any]:
+    """Whether ``n`` decoded images of ``what`` stay in RAM (counted against ``budget``) or
+    stream from the shard cache: ``info["residency"]``, completed by :func:`_say_streaming`."""
+    n_bytes = decoded_bytes(n, cfg.image_size)
+    left = budget.bytes
+    resident = budget.take(n_bytes)
+    limit = (
+        budget.rule if left == budget.total else f"the {human_bytes(left)} left of {budget.rule}"
+    )
+    return {
+        "path": "resident" if resident else "streaming",
+        "what": what,
+        "decoded_bytes": n_bytes,
+        "limit": limit,
+    }
+
+
+def _say_streaming(residency: dict[str, Any], store: ShardStore) -> None:
+    """The streaming line on stderr, and where the shards are in ``residency``."""
+    folder = store.images.where
+    residency |= {"shards": folder, "n_shards": len(store.images.shards)}
+    print(
+        f"agelab: {residency['what']} {human_bytes(residency['decoded_bytes'])} decoded > "
+        f"{residency['limit']}: streaming from {folder} ({len(store.images.shards)} shards)",
+        file=sys.stderr,
+    )
+
+
 # -------------------------------------------------------------------------- synthetic
 
 
-def _generate_arrays(cfg: DataConfig, progress: bool) -> tuple[dict, dict]:
-    """Generate the synthetic faces; returns (arrays, meta) ready for the cache."""
-    faces = synth.generate(cfg.synthetic, cfg.image_size, progress=progress)
+def _generate_arrays(cfg: DataConfig, progress: bool, faces: Any = None) -> tuple[dict, dict]:
+    """Generate the synthetic faces; returns (arrays, meta) ready for the cache. ``faces``:
+    already generated into a shard store (its labels only, then)."""
+    streamed = faces is not None  # its images went to a shard store
+    if faces is None:
+        faces = synth.generate(cfg.synthetic, cfg.image_size, progress=progress)
     arrays = {
-        "images": np.ascontiguousarray(faces.images, dtype=np.uint8),
         "ages": np.asarray(faces.ages, dtype=np.float32),
         "true_ages": np.asarray(faces.true_ages, dtype=np.float32),
         "subjects": np.asarray(faces.subjects, dtype=np.int64),
     }
+    if not streamed:
+        arrays = {"images": np.ascontiguousarray(faces.images, dtype=np.uint8), **arrays}
     return arrays, {"noise_floor_mae": float(faces.noise_floor_mae)}
 
 
-def _load_synthetic(cfg: DataConfig, progress: bool) -> FaceDataset:
+def _synthetic_shards(cfg: DataConfig, key: str, fp: str, progress: bool) -> ShardStore:
+    """Generate straight into a new shard store: the pixels never all sit in RAM."""
+    writer = ShardWriter(cfg.resolved_cache_dir(), key, fp, cfg.synthetic.n_images, cfg.image_size)
+    writer.check_space()
+    target = writer.open_all()
+    try:
+        faces = synth.generate(cfg.synthetic, cfg.image_size, progress=progress, out=target)
+        stamps = writer.commit_all(target)
+    except BaseException:
+        target.discard()
+        raise
+    arrays, meta = _generate_arrays(cfg, progress, faces)
+    return writer.finish(stamps, arrays, meta)
+
+
+def _load_synthetic(cfg: DataConfig, progress: bool, budget: Budget) -> FaceDataset:
     payload = {
         "source": "synthetic",
         "synthetic": cfg.synthetic.model_dump(mode="json"),
@@ -168,8 +230,15 @@ def _load_synthetic(cfg: DataConfig, progress: bool) -> FaceDataset:
     fp = fingerprint(payload)
     key = entry_key("synthetic", fp)
     cache_dir = cfg.resolved_cache_dir()
-    entry = load_entry(cache_dir, key, fp)
-    if entry is not None:
+    residency = _residency("dataset", cfg.synthetic.n_images, cfg, budget)
+    entry: CacheEntry | ShardStore | None
+    if residency["path"] == "streaming":
+        entry = open_store(cache_dir, key, fp)
+        store = entry or _synthetic_shards(cfg, key, fp, progress)
+        assert store is not None
+        arrays, meta, side = {**store.arrays, "images": store.images}, store.meta, store.path
+        _say_streaming(residency, store)
+    elif (entry := load_entry(cache_dir, key, fp)) is not None:
         arrays, meta, side = entry.arrays, entry.meta, entry.path
     else:
         arrays, meta = _generate_arrays(cfg, progress)
@@ -182,6 +251,7 @@ def _load_synthetic(cfg: DataConfig, progress: bool) -> FaceDataset:
         "generator_version": payload["generator_version"],
         "cache_hit": entry is not None,
         "cache_file": str(side) if side else None,
+        "residency": residency,
     }
     return _finish(
         cfg,
@@ -265,12 +335,95 @@ def _cached_real(cfg: DataConfig, manifest: Manifest, key: str, fp: str) -> Cach
     entry = load_entry(cfg.resolved_cache_dir(), key, fp)
     if entry is None or len(entry.arrays.get("ok", ())) != len(manifest):
         return None  # a length mismatch cannot happen with a matching fingerprint; be safe
-    decode_bad = entry.meta.get("decode_bad", [])
+    _refuse_known_bad(cfg, entry.meta)
+    return entry
+
+
+def _refuse_known_bad(cfg: DataConfig, meta: dict) -> None:
+    """Under on_bad=error, the first bad file of a cache built earlier under on_bad=skip (the
+    same files are still bad)."""
+    decode_bad = meta.get("decode_bad", [])
     if decode_bad and cfg.on_bad == "error":
-        # Built earlier under on_bad=skip: the same files are still bad.
         first = BadRow(decode_bad[0]["reason"], decode_bad[0]["where"], decode_bad[0]["detail"])
         raise DataError(first.message(), reason=first.reason, where=first.where)
-    return entry
+
+
+def _real_shards(
+    cfg: DataConfig, manifest: Manifest, key: str, fp: str, progress: bool
+) -> tuple[ShardStore, bool]:
+    """The shard store of these files (and whether it was there): decoded one shard at a time
+    (resuming after the last complete shard of an interrupted build), never all in RAM."""
+    cache_dir = cfg.resolved_cache_dir()
+    store = open_store(cache_dir, key, fp)
+    hit = store is not None and len(store.arrays.get("ok", ())) == len(manifest)
+    if not hit:
+        writer = ShardWriter(cache_dir, key, fp, len(manifest), cfg.image_size)
+        boxes, k = _boxes(manifest), len(writer.bounds)
+
+        def decode(a: int, b: int) -> tuple[np.ndarray, dict]:
+            desc = f"decoding {cfg.source} images, shard {a // writer.rows + 1}/{k}"
+            return _decode_rows(cfg, manifest, boxes, a, b, progress, desc)
+
+        stamps = build_in_chunks(writer, decode)
+        ok, meta = _merge_facts(stamps, len(manifest))
+        store = writer.finish(stamps, {"ok": ok}, meta)
+    _refuse_known_bad(cfg, store.meta)
+    return store, hit
+
+
+def _decode_rows(
+    cfg: DataConfig,
+    manifest: Manifest,
+    boxes: list[Box | None],
+    a: int,
+    b: int,
+    progress: bool,
+    desc: str,
+) -> tuple[np.ndarray, dict]:
+    """Rows ``a:b`` of the manifest decoded (a bad row left zero) and what decoding found."""
+    t = manifest.table
+    t0 = time.perf_counter()
+    try:
+        result = decode_many(list(t["file"].iloc[a:b]), cfg.image_size, cfg.center_crop,
+                             boxes[a:b], stop_at_first=cfg.on_bad == "error",
+                             progress=progress, desc=desc)  # fmt: skip
+    except ImageProblem as exc:
+        where = t["where"].iloc[a + exc.index]  # type: ignore[attr-defined]
+        bad = BadRow(exc.reason, where, exc.detail)
+        raise DataError(bad.message(), reason=exc.reason, where=where) from None
+    images = np.zeros((b - a, 3, cfg.image_size, cfg.image_size), dtype=np.uint8)
+    images[result.ok] = result.images
+    bad = [
+        {"index": a + i, "reason": p.reason, "where": t["where"].iloc[a + i], "detail": p.detail}
+        for i, p in sorted(result.problems.items())
+    ]
+    facts = {
+        "bad": bad,
+        "sizes": dict(Counter(f"{s[0]}x{s[1]}" for s in result.sizes if s is not None)),
+        "modes": dict(Counter(m for m in result.modes if m is not None)),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return images, facts
+
+
+def _merge_facts(stamps: list[dict], n: int) -> tuple[np.ndarray, dict]:
+    """Which rows decoded, and the cache meta of :func:`_decode_manifest`, from the shards."""
+    ok = np.ones(n, dtype=bool)
+    bad, sizes, modes, seconds = [], Counter(), Counter(), 0.0
+    for stamp in stamps:
+        facts = stamp.get("facts") or {}
+        bad += facts.get("bad", [])
+        sizes.update(facts.get("sizes", {}))
+        modes.update(facts.get("modes", {}))
+        seconds += facts.get("seconds", 0.0)
+    ok[[int(b["index"]) for b in bad]] = False
+    meta = {
+        "decode_bad": bad,
+        "original_sizes": _top(sizes),
+        "original_modes": _top(modes),
+        "decode_seconds": round(seconds, 3),
+    }
+    return ok, meta
 
 
 def _bad_rows(manifest: Manifest, meta: dict, ok: np.ndarray) -> list[BadRow]:
@@ -308,10 +461,10 @@ def _real_info(
     }
 
 
-def _load_real(cfg: DataConfig, progress: bool) -> FaceDataset:
-    images, table, info, fp = _real_arrays(cfg, progress)
+def _load_real(cfg: DataConfig, progress: bool, budget: Budget) -> FaceDataset:
+    images, table, info, fp = _real_arrays(cfg, progress, budget)
     if cfg.test is not None:
-        images, table, info, fp = _with_test_source(cfg, images, table, info, fp, progress)
+        images, table, info, fp = _with_test_source(cfg, images, table, info, fp, progress, budget)
     given = _given_splits(cfg, table)
     duplicates = _duplicates(table, info)
     if given is not None:  # a fixed protocol: part of what the study's numbers mean
@@ -330,39 +483,47 @@ def _load_real(cfg: DataConfig, progress: bool) -> FaceDataset:
 
 
 def _real_arrays(
-    cfg: DataConfig, progress: bool
-) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any], str]:
+    cfg: DataConfig, progress: bool, budget: Budget, what: str = "dataset"
+) -> tuple[np.ndarray | ShardedImages, pd.DataFrame, dict[str, Any], str]:
     """One real source: (decoded images, the usable rows, info, fingerprint), from the cache
-    when it has them."""
+    when it has them; the images stream from a shard store when they do not fit ``budget``."""
     assert cfg.path is not None  # guaranteed by DataConfig validation
     manifest = read_manifest(cfg.source, cfg.path, max_age=cfg.max_age, on_bad=cfg.on_bad)
     fp = _real_fingerprint(cfg, manifest)
     key = entry_key(cfg.source, fp)
-    entry = _cached_real(cfg, manifest, key, fp)
-    if entry is not None:
-        arrays, meta, side = entry.arrays, entry.meta, entry.path
+    residency = _residency(what, len(manifest), cfg, budget)
+    if residency["path"] == "streaming":
+        store, hit = _real_shards(cfg, manifest, key, fp, progress)
+        arrays, meta, side = store.arrays, store.meta, store.path
+        _say_streaming(residency, store)
+    elif (entry := _cached_real(cfg, manifest, key, fp)) is not None:
+        arrays, meta, side, hit = entry.arrays, entry.meta, entry.path, True
     else:
         arrays, meta = _decode_manifest(cfg, manifest, progress)
-        side = _try_save(cfg.resolved_cache_dir(), key, fp, arrays, meta)
+        side, hit = _try_save(cfg.resolved_cache_dir(), key, fp, arrays, meta), False
     ok = np.asarray(arrays["ok"], dtype=bool)
     bad_rows = _bad_rows(manifest, meta, ok)
     info = _real_info(cfg, manifest, meta, bad_rows)
-    info["cache_hit"] = entry is not None
+    info["cache_hit"] = hit
     info["cache_file"] = str(side) if side else None
     info["notes"] = manifest.notes
+    info["residency"] = residency
     table = manifest.table[ok].reset_index(drop=True)
     table.attrs["origin"] = str(manifest.origin)
+    if residency["path"] == "streaming":
+        return store.images.select(np.flatnonzero(ok)), table, info, fp
     return np.asarray(arrays["images"]), table, info, fp
 
 
 def _with_test_source(
     cfg: DataConfig,
-    images: np.ndarray,
+    images: np.ndarray | ShardedImages,
     table: pd.DataFrame,
     info: dict[str, Any],
     fp: str,
     progress: bool,
-) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any], str]:
+    budget: Budget,
+) -> tuple[np.ndarray | ShardedImages, pd.DataFrame, dict[str, Any], str]:
     """``data.test``: every image of a second source is the test split; the main source's
     rows keep only train, calib and conformal (any split they give is not used)."""
     import pandas as pd
@@ -373,15 +534,15 @@ def _with_test_source(
         update={"source": test.source, "path": test.path, "on_bad": test.on_bad or cfg.on_bad,
                 "test": None}
     )  # fmt: skip
-    t_images, t_table, t_info, t_fp = _real_arrays(test_cfg, progress)
+    t_images, t_table, t_info, t_fp = _real_arrays(test_cfg, progress, budget, "test source")
     table = table.assign(split="train", fold="")
     # Paths stay readable and unambiguous: the test rows say where they come from.
     t_table = t_table.assign(split="test", fold="", path="test:" + t_table["path"])
-    info["test_source"] = {k: t_info[k] for k in ("source", "path", "n_rows", "n_bad")}
+    info["test_source"] = {k: t_info[k] for k in ("source", "path", "n_rows", "n_bad", "residency")}
     merged = pd.concat([table, t_table], ignore_index=True)
     merged.attrs["origin"] = f"{table.attrs.get('origin')} + {t_table.attrs.get('origin')}"
     both = fingerprint({"main": fp, "test": t_fp})
-    return np.concatenate([images, t_images]), merged, info, both
+    return join_images(images, t_images), merged, info, both
 
 
 def _given_splits(cfg: DataConfig, table: pd.DataFrame) -> np.ndarray | None:

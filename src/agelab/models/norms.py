@@ -6,14 +6,23 @@ initialisation, see :mod:`agelab.models.weights`) and which module classes count
 kind (for the swap and the census). Adding a norm is one entry; :func:`get_norm` fails on an
 unknown name with the list of valid ones. The wrappers below adapt an NCHW norm to timm's
 calling conventions and to channels-last / token layouts, so entries stay layout-free.
+
+agelab's :class:`GroupNorm` and :class:`InstanceNorm2d` are torch's, with two guarantees
+every norm kind then shares (BatchNorm, LayerNorm2d and the rest have them already): the
+output keeps the input's memory format (torch's CUDA group norm and its instance norm return
+NCHW for channels_last input: two layout copies per norm in a channels_last network), and
+the statistics are computed in fp32 under bf16 autocast, the output handed on in the input's
+dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -22,6 +31,8 @@ from agelab.errors import ModelError
 
 __all__ = [
     "NORMS",
+    "GroupNorm",
+    "InstanceNorm2d",
     "InstanceNormSkipped",
     "LastDimNorm",
     "NoNorm",
@@ -60,16 +71,92 @@ class Norm:
         return any(name == c if isinstance(c, str) else isinstance(m, c) for c in self.classes)
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels_last (and not also plain contiguous, as [N, C, 1, 1])."""
+    return (
+        x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _fp32_params(m: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    w, b = m.weight, m.bias
+    return (w.float() if w is not None else None), (b.float() if b is not None else None)
+
+
+def group_norm_channels_last(
+    x: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """``F.group_norm`` of a channels_last ``x`` computed on its NHWC memory (views only, no
+    layout copy), statistics in fp32; returns channels_last in ``x``'s dtype."""
+    n, c, h, w = x.shape
+    xg = x.permute(0, 2, 3, 1).reshape(n, h * w, groups, c // groups).float()  # NHWC view
+    var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
+    scale = torch.rsqrt(var + eps)  # [n, 1, G, 1]
+    if weight is not None:
+        scale = scale * weight.float().view(1, 1, groups, c // groups)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.float().view(1, 1, groups, c // groups)
+    y = torch.addcmul(shift, xg, scale)  # x·scale + shift: one pass
+    return y.reshape(n, h, w, c).permute(0, 3, 1, 2).to(x.dtype)
+
+
+def _group_norm(x: torch.Tensor, groups: int, m: nn.Module) -> torch.Tensor:
+    """Group norm of ``x`` with ``m``'s affine and eps: fp32 statistics, ``x``'s layout
+    and dtype. torch's CPU kernel keeps channels_last itself; elsewhere channels_last input
+    takes :func:`group_norm_channels_last`."""
+    if _channels_last(x) and x.device.type != "cpu":
+        return group_norm_channels_last(x, groups, m.weight, m.bias, m.eps)
+    w, b = _fp32_params(m)
+    return F.group_norm(x.float(), groups, w, b, m.eps).to(x.dtype)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that keeps the input's memory format and computes in fp32 (see the
+    module docstring). Same parameters, same state dict, same census name."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _autocast_off(x):
+            return _group_norm(x, self.num_groups, self)
+
+
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` that keeps the input's memory format and computes in fp32 (see
+    the module docstring). Without running statistics, an instance norm is a group norm with
+    one channel per group: channels_last input is normalised as that, NCHW input by torch's
+    instance norm as before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.track_running_stats or not _channels_last(x):
+            if x.dtype == torch.float32:
+                return super().forward(x)
+            with _autocast_off(x):
+                return super().forward(x.float()).to(x.dtype)
+        with _autocast_off(x):
+            return _group_norm(x, self.num_features, self)
+
+
+def _autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    kind = x.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
+
+
 # One entry per kind; the classes of different kinds are disjoint. frozen_batch built from
 # scratch is a frozen identity affine, so it is not adaptive. Its classes are matched by name:
 # torchvision's FrozenBatchNorm2d and timm's FrozenBatchNormAct2d are plain Modules.
 NORMS: dict[str, Norm] = {
     "batch": Norm(lambda c, g: nn.BatchNorm2d(c), True, (nn.modules.batchnorm._BatchNorm,)),
-    "group": Norm(lambda c, g: nn.GroupNorm(group_count(c, g), c), True, (nn.GroupNorm,)),
+    "group": Norm(lambda c, g: GroupNorm(group_count(c, g), c), True, (nn.GroupNorm,)),
     # per position over channels (a channels-last LayerNorm); also matches token LayerNorms
     "layer": Norm(lambda c, g: LayerNorm2d(c), True, (nn.LayerNorm,)),
     "instance": Norm(
-        lambda c, g: nn.InstanceNorm2d(c, affine=True),
+        lambda c, g: InstanceNorm2d(c, affine=True),
         True,
         (nn.modules.instancenorm._InstanceNorm,),
     ),

@@ -1,7 +1,13 @@
-"""The age regressor: backbone → pooled features → dropout → linear head."""
+"""The age regressor: backbone → pooled features → dropout → linear head.
+
+Under bf16 autocast only the backbone runs in bf16: the head and :meth:`AgeRegressor.to_age`
+always run in fp32, so predictions and metrics are fp32 whatever the training precision (a
+bf16 standardised age, or DEX's expectation over age bins in bf16, would put ages on
+0.25–0.5-year steps)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -46,11 +52,24 @@ class AgeRegressor(nn.Module):
         return self.head.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.backbone(x)))
+        features = self.dropout(self.backbone(x))
+        with _fp32(features):  # the head in fp32, also under autocast
+            return self.head(features.float())
 
     def set_target_stats(self, mean: float, std: float) -> None:
         self.age_mean.fill_(float(mean))
         self.age_std.fill_(float(std))
 
     def to_age(self, output: torch.Tensor) -> torch.Tensor:
-        return self.loss.to_age(output.float(), self.age_mean, self.age_std)
+        """Ages in years (fp32, also when called under autocast)."""
+        with _fp32(output):
+            return self.loss.to_age(output.float(), self.age_mean, self.age_std)
+
+
+def _fp32(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for ``x``'s device while it is on; otherwise nothing (no context entered:
+    the fp32 path stays exactly what it was)."""
+    kind = x.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()

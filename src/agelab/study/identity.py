@@ -13,8 +13,8 @@ config it claims:
   version stays intact), or the config gets a new ``name``.
 * **Execution settings are free**: where and how a trial runs or what is displayed
   (``train.device``, ``threads``, ``progress``, ``compile``, ``channels_last``,
-  ``eval_batch_size``, ``data.path`` and ``cache_dir`` — the dataset fingerprint stands for
-  the data's content —, ``tracking.*``, ``report.*``, ``description``).
+  ``eval_batch_size``, ``data.path``, ``cache_dir`` and ``max_resident_gb`` — the dataset
+  fingerprint stands for the data's content —, ``tracking.*``, ``report.*``, ``description``).
 
 Versions are Optuna studies named ``<name>`` (version 1), ``<name>.v2``, ``<name>.v3`` …; each
 has its own MLflow experiment of the same name.
@@ -48,6 +48,7 @@ EXECUTION_ONLY = (
     "data.path",
     "data.test.path",
     "data.cache_dir",
+    "data.max_resident_gb",
     "train.progress",
     "train.threads",
     "train.device",
@@ -86,8 +87,11 @@ def identity(cfg: StudyConfig, data_fingerprint: str) -> dict[str, Any]:
 
 
 def precision(cfg: StudyConfig) -> str:
-    """``bf16`` where training autocasts (``train.amp`` on a CUDA device), else ``fp32``: a
-    GPU worker joining a CPU study would otherwise mix bf16 results into it."""
+    """``bf16`` where training autocasts (``train.amp`` on a CUDA device; ``train.amp: bf16``
+    anywhere), else ``fp32``: a GPU worker joining a CPU study would otherwise mix bf16
+    results into it."""
+    if cfg.train.amp == "bf16":
+        return "bf16"
     if not cfg.train.amp or cfg.train.device == "cpu":
         return "fp32"
     import torch

@@ -6,10 +6,13 @@ Optuna's atomic WAITING→RUNNING transition, so no cell runs twice, on one mach
 (Optuna's ``GridSampler`` alone may repeat cells under parallel workers; its own docs say
 so.) ``tpe`` is adaptive and asks as it goes.
 
-A running trial carries its worker's host, pid and a heartbeat refreshed every epoch.
-Before planning, a trial whose worker is gone (same host and pid dead, or no heartbeat for
-``STALE_AFTER_S`` seconds) is marked FAIL, its MLflow run closed as KILLED and its cell put
-back in the queue.
+A running trial carries its worker's host, pid and a heartbeat, refreshed every
+``BEAT_EVERY_S`` seconds by a thread of the worker while the trial runs (so a long epoch,
+data loading or final evaluation never looks like a dead worker) and after every epoch.
+Before planning, a trial whose worker is gone is marked FAIL, its MLflow run closed as
+KILLED and its cell put back in the queue. Gone means: on this host, its pid is dead (or
+its heartbeat stale); on another host, whose pids mean nothing here, no heartbeat for
+``STALE_AFTER_S`` seconds (``$AGELAB_STALE_AFTER``, default 900).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from agelab.tracking import (
 
 SEED_PARAM = "seed"
 STALE_AFTER_S = float(os.environ.get("AGELAB_STALE_AFTER", "900"))
+#: How often a worker refreshes its running trial's heartbeat: well inside the stale timeout.
+BEAT_EVERY_S = max(0.1, min(60.0, STALE_AFTER_S / 4))
 # Trial user attributes.
 A_KEY, A_CELL, A_HOST, A_PID, A_BEAT = "plan_key", "cell", "host", "pid", "heartbeat"
 A_RUN, A_REASON = "mlflow_run_id", "fail_reason"

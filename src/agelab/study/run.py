@@ -8,6 +8,7 @@ the ablation report afterwards is the caller's job (``agelab run`` does it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from agelab.study.identity import (
     version_name,
     versions,
 )
+from agelab.study.placement import describe, placement_for
 from agelab.study.plan import A_PARAMS, completed, is_stale, plan, recover, valid_complete
 from agelab.study.store import counts, open_storage, open_study, plan_lock, storage_url
 from agelab.study.worker import Worker
@@ -55,6 +57,8 @@ from agelab.tracking import (
     check_writable,
     git_commit,
 )
+from agelab.tracking.datasets import DatasetRecord, data_source, whole_dataset
+from agelab.tracking.store import TAG_DESCRIPTION, TAG_NOTE
 
 
 @dataclass
@@ -72,25 +76,38 @@ class StudySummary:
 def run_study(
     cfg: StudyConfig,
     *,
-    workers: int = 1,
+    workers: int | None = 1,
     n_trials: int | None = None,
     join: bool = False,
     quiet: bool = False,
     new_version: bool = False,
+    gpus: list[int] | None = None,
+    workers_per_gpu: int | None = None,
 ) -> StudySummary:
     """Plan (or join) a study, run its trials in ``workers`` processes, summarise.
 
     The config is first bound to a version of the study (:mod:`.identity`): the one whose
     results it would reproduce, a new one with ``new_version``, or a refusal listing what
-    changed. Everything after that runs under the version's name."""
+    changed. Everything after that runs under the version's name.
+
+    ``workers`` (None: from the GPU flags, else 1), ``gpus`` and ``workers_per_gpu`` decide
+    the worker processes and the GPU each one sees (:mod:`.placement`); one worker without
+    GPU flags runs in this process."""
     t0 = time.time()
+    placement = placement_for(cfg.train.device, workers, gpus, workers_per_gpu)
+    placed = gpus is not None or workers_per_gpu is not None
+    workers = len(placement)
     check_writable(cfg.tracking)  # a full or read-only store stops us before any work
-    fingerprint = _dataset_fingerprint(cfg, quiet)
+    from agelab.device import resolve_device
+
+    resolve_device(cfg.train.device)  # cuda without a usable GPU stops here; auto warns
+    fingerprint, whole = _dataset_fingerprint(cfg, quiet)
     url = storage_url(cfg)
     storage = open_storage(url)
     binding = resolve_version(cfg, storage, fingerprint, new_version=new_version, join=join)
     cfg = versioned(cfg, binding.version)
     tracker = Tracker(cfg.tracking, cfg.tracking.experiment or cfg.name)
+    tracker.describe_experiment(cfg.description)
     study = open_study(cfg, storage)
     total = cfg.search.n_total()
     if total > cfg.search.warn_cells:
@@ -98,12 +115,13 @@ def run_study(
     if not join:
         _plan(cfg, study, tracker, url, total)
     parent = _start_parent_run(cfg, tracker, url, workers, binding, fingerprint)
+    tracker.log_datasets(parent, [dataclasses.replace(whole, name=cfg.name)])
     status = FINISHED
     try:
-        if workers <= 1:
+        if workers <= 1 and not placed:
             _run_inline(cfg, parent, n_trials, quiet, total)
         else:
-            _run_processes(cfg, parent, workers, n_trials)
+            _run_processes(cfg, parent, workers, n_trials, placement)
     except KeyboardInterrupt:
         status = KILLED
         raise KeyboardInterrupt(
@@ -165,12 +183,14 @@ def _close_parent(
     return final
 
 
-def _dataset_fingerprint(cfg: StudyConfig, quiet: bool) -> str:
+def _dataset_fingerprint(cfg: StudyConfig, quiet: bool) -> tuple[str, DatasetRecord]:
     """Build (or load) the data once, before any worker starts, so workers hit the cache;
-    its fingerprint is part of the study's identity."""
+    its fingerprint is part of the study's identity. With it: the whole dataset's manifest
+    rows for the parent run's dataset input (the images are let go)."""
     from agelab.data.load import load_dataset
 
-    return load_dataset(cfg.data, progress=not quiet).fingerprint
+    data = load_dataset(cfg.data, progress=not quiet)
+    return data.fingerprint, whole_dataset(cfg.name, data_source(cfg.data), data)
 
 
 def resolve_version(
@@ -261,7 +281,8 @@ def _start_parent_run(
             "agelab.workers": workers,
             "optuna.study_name": cfg.name,
             "optuna.storage": mask_uri(url),
-            "mlflow.note.content": cfg.description,
+            TAG_DESCRIPTION: cfg.description,
+            TAG_NOTE: cfg.description,  # the report adds its verdict (agelab.reporting)
         }
         | _versions(),
     )
@@ -342,8 +363,17 @@ def _run_inline(
         worker.loop(n_trials, on_done=lambda o: bar.update(1))
 
 
-def _run_processes(cfg: StudyConfig, parent: str, workers: int, n_trials: int | None) -> None:
-    """N worker processes on this machine; Ctrl-C reaches them all (same process group)."""
+def _run_processes(
+    cfg: StudyConfig,
+    parent: str,
+    workers: int,
+    n_trials: int | None,
+    placement: list[dict[str, str]] | None = None,
+) -> None:
+    """N worker processes on this machine; Ctrl-C reaches them all (same process group).
+    Worker i's environment gets ``placement[i]`` (its ``CUDA_VISIBLE_DEVICES``)."""
+    if placement and describe(placement):
+        print(describe(placement), flush=True)
     threads = max(1, (os.cpu_count() or 1) // workers)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         fh.write(cfg.model_dump_json())
@@ -355,7 +385,7 @@ def _run_processes(cfg: StudyConfig, parent: str, workers: int, n_trials: int | 
             cmd = [sys.executable, "-m", "agelab.study", cfg_path, parent, f"w{i}"]
             if n_trials is not None:
                 cmd.append(str(max(1, math.ceil(n_trials / workers))))
-            procs.append(subprocess.Popen(cmd, env=env))
+            procs.append(subprocess.Popen(cmd, env=env | (placement[i] if placement else {})))
         rcs = [p.wait() for p in procs]
         stopped = [rc for rc in rcs if rc not in (0, 130)]
         if stopped:  # each worker said why above; the study must not look finished

@@ -17,6 +17,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from agelab.study.plan import (
     A_PID,
     A_REASON,
     A_RUN,
+    BEAT_EVERY_S,
     ERROR_PREFIX,
     INTERRUPTED_PREFIX,
     REQUEUED,
@@ -55,6 +57,7 @@ from agelab.study.plan import (
     plan_key,
     trial_config,
     trial_params,
+    valid_complete,
 )
 from agelab.study.store import open_storage, open_study, storage_url
 from agelab.tracking import (
@@ -101,6 +104,39 @@ def run_label(params: dict[str, Any], cfg: StudyConfig) -> str:
 
 def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+class Heartbeat:
+    """Refreshes a running trial's heartbeat every ``BEAT_EVERY_S`` seconds from a thread,
+    for as long as the ``with`` block runs: however long one epoch, the data loading or the
+    final evaluation takes, another machine never takes this live worker for a dead one
+    (it can only judge by the heartbeat: pids mean nothing across hosts). A write that fails
+    is left to the next beat: the trial's own thread meets a failing store itself."""
+
+    def __init__(self, trial: optuna.Trial, every: float | None = None) -> None:
+        self.trial = trial
+        self.every = BEAT_EVERY_S if every is None else every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, name=f"agelab-heartbeat-{trial.number}", daemon=True
+        )
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)  # a write in flight ends first: none lands after tell
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.trial.set_user_attr(A_BEAT, time.time())
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return  # finished (or recovered by another process): nothing to keep alive
+            except Exception:  # the store may be down: the trial itself will say so
+                continue
 
 
 @dataclass
@@ -204,11 +240,18 @@ class Worker:
         label = run_label(params, self.cfg)
         run = _Running(trial, params, label, self._start_run(trial, params, cfg_t, label), t0)
         try:
-            data = self.dataset(cfg_t)
-            on_epoch = self._on_epoch(run)
-            result = evaluate_trial(
-                cfg_t, data, self.tracker, run.run_id, on_epoch, quiet=self.quiet
-            )
+            with Heartbeat(trial):  # stopped before the trial is told, whatever happens
+                data = self.dataset(cfg_t)
+                on_epoch = self._on_epoch(run)
+                result = evaluate_trial(
+                    cfg_t,
+                    data,
+                    self.tracker,
+                    run.run_id,
+                    on_epoch,
+                    quiet=self.quiet,
+                    keep_model=self._keep_model(params),
+                )
         except optuna.TrialPruned as exc:
             return self._report(self._pruned(run, str(exc)))
         except KeyboardInterrupt:
@@ -244,11 +287,30 @@ class Worker:
                 "optuna.trial_number": trial.number,
                 "optuna.storage": mask_uri(self.storage_url),
             },
+            system_metrics=self.cfg.tracking.system_metrics,
         )
         self._run_id = run_id
         trial.set_user_attr(A_RUN, run_id)
         self.tracker.log_params(run_id, flatten(cfg_t) | {"trial.seed": params[SEED_PARAM]})
         return run_id
+
+    def _keep_model(self, params: dict[str, Any]) -> Callable[[float], bool]:
+        """Whether this trial logs its MLflow Model, asked once its calib MAE is known
+        (``tracking.log_model``): ``all``, ``none``, or ``best``: when it beats (strictly)
+        every COMPLETE replicate of its cell so far, so each cell's best replicate has one."""
+        policy, cell = self.cfg.tracking.log_model, cell_id(params)
+
+        def keep(calib_mae: float) -> bool:
+            if policy != "best":
+                return policy == "all"
+            earlier = [
+                t.value
+                for t in valid_complete(self.study)
+                if t.user_attrs.get(A_CELL) == cell and t.value is not None
+            ]
+            return math.isfinite(calib_mae) and all(calib_mae < v for v in earlier)
+
+        return keep
 
     def _on_epoch(self, run: _Running) -> Callable[[int, dict[str, float]], None]:
         """Per epoch: metrics to MLflow, a heartbeat, and Optuna's pruning decision."""

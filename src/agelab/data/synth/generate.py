@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,7 +49,12 @@ def chunk_size(image_size: int) -> int:
 
 
 def generate(
-    cfg: SynthConfig, image_size: int, *, progress: bool = False, workers: int | None = None
+    cfg: SynthConfig,
+    image_size: int,
+    *,
+    progress: bool = False,
+    workers: int | None = None,
+    out: Any = None,
 ) -> SynthFaces:
     """Draw ``cfg.n_images`` faces of ``image_size``² pixels; deterministic in ``cfg``.
 
@@ -59,6 +64,10 @@ def generate(
     Chunks are rendered on ``workers`` threads (default: ``torch.get_num_threads()``), each
     running torch single-threaded; the images do not depend on the number of workers or
     on torch's thread setting, which is restored afterwards.
+
+    ``out``: where the pixels go instead of a new array — anything ``out[index] = images``
+    writes to, shaped ``[N, 3, H, W]`` (the shard store of a dataset bigger than memory,
+    :class:`agelab.data.shards.ShardWriter`); it is then the returned ``images``.
     """
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 (got {image_size})")
@@ -77,7 +86,9 @@ def generate(
     render_params(params, image_size, img_rng)
     labels = add_label_noise(true_ages, cfg.label_noise, np.random.default_rng(ss_label))
     pix_seed = int(ss_pix.generate_state(1, np.uint64)[0] >> 1)
-    images = _render_all(params, n, image_size, pix_seed, progress=progress, workers=workers)
+    images = _render_all(
+        params, n, image_size, pix_seed, progress=progress, workers=workers, out=out
+    )
     true32 = true_ages.astype(np.float32)
     ages32 = labels.astype(np.float32)
     floor = float(np.mean(np.abs(ages32.astype(np.float64) - true32))) if n else 0.0
@@ -87,11 +98,19 @@ def generate(
 
 
 def _render_all(
-    params: Params, n: int, size: int, pix_seed: int, *, progress: bool, workers: int | None
+    params: Params,
+    n: int,
+    size: int,
+    pix_seed: int,
+    *,
+    progress: bool,
+    workers: int | None,
+    out: Any = None,
 ) -> np.ndarray:
-    """Render every chunk on a thread pool, torch single-threaded in each → uint8 [N,3,S,S]."""
+    """Render every chunk on a thread pool, torch single-threaded in each → uint8 [N,3,S,S]
+    (into ``out`` when given)."""
     tex = textures(size, pix_seed)
-    images = np.empty((n, 3, size, size), dtype=np.uint8)
+    images = np.empty((n, 3, size, size), dtype=np.uint8) if out is None else out
     step = chunk_size(size)
     starts = list(range(0, n, step))
     # Chunks hold images of similar head rotation, so the pixel windows of the local
