@@ -407,7 +407,7 @@ def test_pointing_mlflow_at_a_store_puts_the_environment_back(tmp_path: Path, mo
     and restores both the global and $MLFLOW_TRACKING_URI (which agelab's default reads)."""
     import mlflow
 
-    from agelab.tracking.models import _using
+    from agelab.tracking import global_tracking_uri
 
     store = f"sqlite:///{tmp_path / 'x.db'}"
     for env in ("sqlite:////elsewhere/mlflow.db", None):
@@ -416,7 +416,7 @@ def test_pointing_mlflow_at_a_store_puts_the_environment_back(tmp_path: Path, mo
         else:
             monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
         before = mlflow.get_tracking_uri()
-        with _using(store):
+        with global_tracking_uri(store):
             assert mlflow.get_tracking_uri() == store
         assert os.environ.get("MLFLOW_TRACKING_URI") == env
         assert mlflow.get_tracking_uri() == before

@@ -43,6 +43,10 @@ STOP_S = 5.0
 AGELAB = [sys.executable, "-m", "agelab.cli"]
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env(**extra: str) -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
     # Two threads for rendering and decoding: the phases last as long on any machine.
@@ -63,6 +67,10 @@ class Agelab:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # As in a terminal: a runner that started pytest in the background (bash gives
+            # background jobs SIGINT ignored, and children inherit that) must not make the
+            # CLI deaf to the Ctrl-C these tests send.
+            preexec_fn=_sigint_default,
             env=env or _env(),
         )
         self._out = bytearray()
