@@ -79,6 +79,16 @@ def _no_nul(value: Path | None) -> Path | None:
 #: A file or folder path given by the user (it may be anywhere: it is theirs).
 UserPath = Annotated[Path, AfterValidator(_no_nul)]
 
+
+def _registered_source(v: str) -> str:
+    from agelab.data.sources import SOURCES  # the registry is checked, not imported, here
+
+    return _check_name("source", v, SOURCES)
+
+
+#: A data source name from the registry (``data.source``, ``data.test.source``).
+SourceName = Annotated[str, AfterValidator(_registered_source)]
+
 # One folder name: no separators, no control characters, not "." / ".." / a hidden name.
 _PATH_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f.][^/\\\x00-\x1f\x7f]{0,199}$")
 
@@ -167,16 +177,9 @@ class TestSourceConfig(Strict):
     """A second source whose every image is the test split (cross-dataset evaluation): the
     main source then gives train, calib and conformal only. Decoded like the main source."""
 
-    source: str
+    source: SourceName
     path: UserPath | None = Field(None, description="folder or CSV manifest of the test faces")
     on_bad: Literal["error", "skip"] | None = Field(None, description="default: data.on_bad")
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, v: str) -> str:
-        from agelab.data.sources import SOURCES
-
-        return _check_name("source", v, SOURCES)
 
     @model_validator(mode="after")
     def _path_needed(self) -> TestSourceConfig:
@@ -191,7 +194,7 @@ class TestSourceConfig(Strict):
 
 
 class DataConfig(Strict):
-    source: str = "synthetic"
+    source: SourceName = "synthetic"
     path: UserPath | None = Field(None, description="folder (utkface, fgnet) or CSV manifest (csv)")
     image_size: int = Field(64, ge=16, le=512)
     center_crop: float = Field(1.0, gt=0, le=1, description="centre crop fraction (no box)")
@@ -212,13 +215,6 @@ class DataConfig(Strict):
         "in cache_dir instead of being held in RAM; default: half the available RAM; "
         "0 always streams",
     )
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, v: str) -> str:
-        from agelab.data.sources import SOURCES
-
-        return _check_name("source", v, SOURCES)
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:

@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ import numpy as np
 
 from agelab.errors import ModelError
 from agelab.secrets import scrub
-from agelab.tracking.store import global_tracking_uri
+from agelab.tracking.store import env_kept, global_tracking_uri
 
 if TYPE_CHECKING:
     from agelab.tracking.store import Tracker
@@ -55,19 +54,14 @@ class ModelNotFound(ModelError):
 @contextlib.contextmanager
 def _quiet_mlflow() -> Iterator[None]:
     """No artifact progress bars, no "registered model" chatter while agelab works."""
-    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     logger = logging.getLogger("mlflow")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with env_kept("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+            yield
     finally:
         logger.setLevel(level)
-        if previous is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
 
 
 # ---------------------------------------------------------------------------- logging

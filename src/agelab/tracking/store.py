@@ -452,17 +452,12 @@ class Tracker:
     def download_artifact(self, run_id: str, path: str, dst: Path) -> Path | None:
         """One artifact of a run into ``dst`` (None when the run has no such artifact)."""
         dst.mkdir(parents=True, exist_ok=True)
-        quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per file
-        try:
-            return Path(self._call(self.client.download_artifacts, run_id, path, str(dst)))
-        except Exception:
-            return None
-        finally:
-            if quiet is None:
-                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-            else:
-                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+        # No progress bar (MLflow draws one per file).
+        with env_kept("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+            try:
+                return Path(self._call(self.client.download_artifacts, run_id, path, str(dst)))
+            except Exception:
+                return None
 
     def end_run(self, run_id: str, status: str = FINISHED) -> None:
         monitor = self._monitors.pop(run_id, None)
@@ -564,14 +559,26 @@ def global_tracking_uri(uri: str) -> Iterator[None]:
     agelab's default store reads it)."""
     from mlflow.tracking._tracking_service import utils
 
-    env = os.environ.get("MLFLOW_TRACKING_URI")
     previous = utils._tracking_uri
-    utils.set_tracking_uri(uri)
+    with env_kept("MLFLOW_TRACKING_URI"):
+        utils.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            utils.set_tracking_uri(previous)
+
+
+@contextlib.contextmanager
+def env_kept(name: str, value: str | None = None) -> Iterator[None]:
+    """``$name`` as it was before the block, after it (unset if it was unset), whatever the
+    block or the libraries it calls did to it; set to ``value`` for the block when given."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
-        utils.set_tracking_uri(previous)
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if before is None:
+            os.environ.pop(name, None)
         else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
+            os.environ[name] = before
